@@ -1,0 +1,32 @@
+# Quick start: `make run` (set-up + the default pipeline) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+
+test: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check mme tests experiments benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_targets.py
+	$(PY) benchmarks/bench_pretrain_step.py
+
+clean:
+	rm -rf .pytest_cache reports/metrics/*.json

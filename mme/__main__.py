@@ -1,0 +1,5 @@
+import sys
+
+from mme.cli import main
+
+sys.exit(main())

@@ -1,0 +1,393 @@
+"""Typed configuration tree: defaults, named presets, params.yaml and `--set` overrides.
+
+One `Config` dataclass tree holds every setting of every stage. It is built in this order:
+defaults (the dataclass fields) -> preset overlay (`PRESETS[name]`) -> params.yaml sections ->
+`key=value` overrides. Unknown keys and invalid values fail at once with a `ConfigError` that
+names the key and what is allowed. Derived values (token grid, target width, ...) are computed
+by the code that needs them and are never written back here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and the fix."""
+
+
+# Paper constants (Sun et al., CVPR 2023, section 4 and Table 7 defaults).
+PAPER_TRAJ_LENGTH = 6
+PAPER_POINTS_PER_PATCH = 4
+PAPER_MASK_RATIO = 0.7
+HOG_BINS = 9
+HOG_CELL = 8
+
+
+@dataclass
+class SyntheticConfig:
+    """Size of the generated motion dataset (DESIGN.md section 6)."""
+
+    num_videos: int = 960
+    num_frames: int = 64
+    size: int = 128
+    fps: int = 25
+    distractors: int = 2
+    camera_pan: bool = True
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    workers: int = 2
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    folder: str = ""
+    split: int = 1
+    short_side: int = 128
+    input_size: int = 112
+    num_frames: int = 16
+    stride: int = 3
+    shuffle_frames: bool = False
+    flip: str = "auto"
+    sampling: str = "dense"
+    crop_scale_min: float = 0.5
+    num_workers: int = 2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class FlowConfig:
+    backend: str = "dis"
+    compensate_camera: bool = False
+    workers: int = 2
+
+
+@dataclass
+class TargetConfig:
+    kind: str = "traj"
+    length: int = PAPER_TRAJ_LENGTH
+    points_per_patch: int = PAPER_POINTS_PER_PATCH
+    interpolate: bool = True
+    patch_norm: bool = True
+    density: str = "dense"
+    median_filter: bool = False
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "tube"
+    ratio: float = PAPER_MASK_RATIO
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    patch_size: int = 16
+    tubelet_size: int = 2
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_dim: int = 96
+    decoder_depth: int = 1
+    decoder_num_heads: int = 3
+    decoder_mode: str = "joint"
+    drop_path: float = 0.1
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    base_lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: int = 2
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 0.02
+    accum_steps: int = 1
+    amp: str = "bf16"
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 15
+    batch_size: int = 16
+    base_lr: float = 1e-3
+    min_lr: float = 1e-6
+    warmup_epochs: int = 2
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    clip_grad: float = 5.0
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    accum_steps: int = 1
+    amp: str = "bf16"
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = 50
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvaluateConfig:
+    num_clips: int = 2
+    num_crops: int = 3
+    batch_size: int = 8
+
+
+@dataclass
+class Config:
+    preset: str = "mini"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (`data.stride` -> 3), as MLflow params and `--set` use."""
+        return _flatten(self.to_dict())
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config (pipeline tags, cache keys)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+# Allowed values of the enumerated keys; checked after every overlay.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "preset": ("smoke", "mini", "paper"),
+    "data.dataset": ("synthetic", "ucf101", "hmdb51", "k400", "ssv2", "folder"),
+    "data.flip": ("auto", "on", "off"),
+    "data.sampling": ("dense", "segment"),
+    "data.split": (1, 2, 3),
+    "flow.backend": ("farneback", "dis", "tvl1"),
+    "target.kind": ("pixel", "hog", "hog+flow", "hog+hof", "hog+mbh", "hog+traj_pos", "traj", "motionmae"),
+    "target.density": ("dense", "max", "mean"),
+    "mask.kind": ("tube", "cube", "random"),
+    "model.name": ("smoke", "tiny", "small", "base"),
+    "model.decoder_mode": ("joint", "separate"),
+    "pretrain.amp": ("bf16", "fp16", "none"),
+    "finetune.amp": ("bf16", "fp16", "none"),
+}
+
+# Numeric ranges: key -> (low, high), inclusive.
+RANGES: dict[str, tuple[float, float]] = {
+    "mask.ratio": (0.0, 0.99),
+    "target.length": (1, 32),
+    "target.points_per_patch": (1, 64),
+    "data.stride": (1, 16),
+    "data.num_frames": (2, 128),
+    "model.decoder_depth": (1, 16),
+    "data.crop_scale_min": (0.05, 1.0),
+    "data.synthetic.val_fraction": (0.0, 0.5),
+    "data.synthetic.test_fraction": (0.0, 0.5),
+}
+
+# Named overlays (DESIGN.md section 5). Only the keys that differ from the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": {
+            "short_side": 64, "input_size": 64, "num_frames": 8, "stride": 2, "num_workers": 0,
+            "synthetic": {"num_videos": 24, "num_frames": 32, "size": 64, "workers": 1},
+        },
+        "target": {"length": 4},
+        "model": {"name": "smoke", "embed_dim": 64, "depth": 2, "num_heads": 2,
+                  "decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "drop_path": 0.0},
+        "pretrain": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0},
+        "finetune": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "mixup": 0.0, "cutmix": 0.0},
+        "probe": {"epochs": 5, "batch_size": 8},
+        "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
+    },
+    "mini": {},
+    "paper": {
+        "data": {"short_side": 256, "input_size": 224, "num_frames": 16, "stride": 3, "num_workers": 10},
+        "flow": {"backend": "farneback"},
+        "model": {"name": "base", "embed_dim": 768, "depth": 12, "num_heads": 12,
+                  "decoder_dim": 384, "decoder_depth": 1, "decoder_num_heads": 6, "drop_path": 0.1},
+        "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40, "clip_grad": 0.02},
+        "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5,
+                     "layer_decay": 0.75},
+        "probe": {"epochs": 20},
+        "evaluate": {"num_clips": 2, "num_crops": 3},
+    },
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _coerce(key: str, text: Any, current: Any) -> Any:
+    """Turn an override value into the type of the field it replaces."""
+    if not isinstance(text, str):
+        value = text
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"bad value for {key}: {text!r} ({exc})") from exc
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {text!r}")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {text!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {text!r}")
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise ConfigError(f"{key} must be a list of {len(current)} numbers, got {text!r}")
+        return tuple(float(v) for v in value)
+    if isinstance(current, str):
+        return "" if value is None else str(value)
+    return value
+
+
+def _set(cfg: Any, dotted: str, raw: Any) -> None:
+    node = cfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            where = ".".join(parts[:i]) or "the config"
+            allowed = sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+            raise ConfigError(f"unknown config key {dotted!r}: {where} has no {part!r} (allowed: {', '.join(allowed)})")
+        if i == len(parts) - 1:
+            current = getattr(node, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(raw, dict):
+                    raise ConfigError(f"{dotted} is a section; set its keys ({dotted}.<key>=...)")
+                for sub_key, sub_value in raw.items():
+                    _set(cfg, f"{dotted}.{sub_key}", sub_value)
+            else:
+                setattr(node, part, _coerce(dotted, raw, current))
+        else:
+            node = getattr(node, part)
+
+
+def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _apply_tree(cfg, value, name + ".")
+        else:
+            _set(cfg, name, value)
+
+
+def validate(cfg: Config) -> None:
+    flat = cfg.flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+    for key, (low, high) in RANGES.items():
+        if not low <= flat[key] <= high:
+            raise ConfigError(f"{key}={flat[key]} is out of range [{low}, {high}]")
+    if cfg.data.num_frames % cfg.model.tubelet_size:
+        raise ConfigError(
+            f"data.num_frames={cfg.data.num_frames} must be a multiple of model.tubelet_size={cfg.model.tubelet_size}")
+    if cfg.data.input_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.input_size={cfg.data.input_size} must be a multiple of model.patch_size={cfg.model.patch_size}")
+    if cfg.data.input_size > cfg.data.short_side:
+        raise ConfigError(
+            f"data.input_size={cfg.data.input_size} must not exceed data.short_side={cfg.data.short_side}")
+    side = int(round(cfg.target.points_per_patch ** 0.5))
+    if side * side != cfg.target.points_per_patch:
+        raise ConfigError(f"target.points_per_patch={cfg.target.points_per_patch} must be a square (1, 4, 9, 16, ...)")
+    for name in ("embed_dim", "decoder_dim"):
+        heads = cfg.model.num_heads if name == "embed_dim" else cfg.model.decoder_num_heads
+        if getattr(cfg.model, name) % heads:
+            raise ConfigError(f"model.{name}={getattr(cfg.model, name)} must be divisible by its number of heads {heads}")
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read a params.yaml file (an empty or missing file gives {})."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    return tree
+
+
+def load_config(preset: str | None = None, overrides: tuple[str, ...] | list[str] = (),
+                params: dict[str, Any] | str | Path | None = None) -> Config:
+    """Build the resolved config.
+
+    Args:
+        preset: overlay name (`smoke`, `mini`, `paper`); None takes `params['preset']` or `mini`.
+        overrides: `key=value` strings, exactly as `--set` takes them (applied last).
+        params: a params.yaml path or an already-read mapping (applied after the preset).
+    """
+    tree = load_params(params) if isinstance(params, (str, Path)) else copy.deepcopy(params or {})
+    name = preset or tree.pop("preset", None) or "mini"
+    tree.pop("preset", None)
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(preset=name)
+    _apply_tree(cfg, PRESETS[name])
+    _apply_tree(cfg, tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. target.kind=pixel)")
+        key, value = item.split("=", 1)
+        if key.strip() == "preset":
+            raise ConfigError("set the preset with --preset NAME, not --set preset=...")
+        _set(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def params_tree(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a params.yaml mapping (tuples as lists, `preset` first)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    return plain(cfg.to_dict())
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved with `Config.to_dict()` (e.g. from a checkpoint)."""
+    tree = copy.deepcopy(tree)
+    cfg = Config(preset=tree.pop("preset", "mini"))
+    _apply_tree(cfg, tree)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,69 @@
+"""The config tree: presets, params overlay, overrides and their errors."""
+
+import pytest
+
+from mme.config import ConfigError, config_from_dict, load_config
+
+
+def test_presets_differ_where_documented():
+    smoke, mini, paper = (load_config(p) for p in ("smoke", "mini", "paper"))
+    assert (smoke.data.num_frames, smoke.data.input_size) == (8, 64)
+    assert (mini.data.num_frames, mini.data.input_size) == (16, 112)
+    assert (paper.data.input_size, paper.model.embed_dim, paper.model.depth) == (224, 768, 12)
+    # the paper's pre-training settings (section 4 and Table 7 defaults)
+    assert paper.mask.kind == "tube" and paper.mask.ratio == pytest.approx(0.7)
+    assert (paper.target.length, paper.target.points_per_patch) == (6, 4)
+    assert paper.pretrain.betas == (0.9, 0.95) and paper.pretrain.weight_decay == pytest.approx(0.05)
+    assert paper.pretrain.base_lr == pytest.approx(1.5e-4)
+
+
+def test_overrides_are_typed():
+    cfg = load_config("mini", ["target.kind=pixel", "target.length=8", "mask.ratio=0.9",
+                               "target.patch_norm=false", "pretrain.betas=[0.8, 0.9]"])
+    assert cfg.target.kind == "pixel" and cfg.target.length == 8
+    assert cfg.mask.ratio == pytest.approx(0.9) and cfg.target.patch_norm is False
+    assert cfg.pretrain.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("target.kinds=traj", "unknown config key 'target.kinds'"),
+        ("target.kind=optical", "target.kind='optical' is not allowed; choose one of pixel"),
+        ("target.length=six", "target.length must be an integer"),
+        ("mask.ratio=1.5", "mask.ratio=1.5 is out of range"),
+        ("target.points_per_patch=3", "must be a square"),
+        ("data.num_frames=15", "multiple of model.tubelet_size"),
+        ("targetkind", "must look like key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_choices(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("mini", [override])
+    assert needle in str(err.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="choose one of smoke, mini, paper"):
+        load_config("huge")
+
+
+def test_params_file_sits_between_preset_and_overrides(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: smoke\ntarget:\n  length: 5\nmask:\n  ratio: 0.5\n")
+    cfg = load_config(None, ["mask.ratio=0.6"], params=params)
+    assert cfg.preset == "smoke" and cfg.data.input_size == 64  # preset from params
+    assert cfg.target.length == 5  # params beat the preset
+    assert cfg.mask.ratio == pytest.approx(0.6)  # --set beats params
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target:\n  lenght: 5\n")
+    with pytest.raises(ConfigError, match="target.lenght"):
+        load_config(None, params=bad)
+
+
+def test_round_trip_through_dict_and_digest():
+    cfg = load_config("smoke", ["target.kind=hog+mbh", "seed=3"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg and again.digest() == cfg.digest()
+    assert load_config("smoke").digest() != cfg.digest()
+    assert cfg.flat()["target.kind"] == "hog+mbh"
