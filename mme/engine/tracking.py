@@ -89,7 +89,9 @@ def stage_run(cfg: Config, workdir: str | Path, stage: str, *, enabled: bool = T
         return
     import mlflow
 
-    setup_experiment(cfg, workdir, experiment)
+    nested = nested or mlflow.active_run() is not None  # inside an ablation trial: a child run
+    if not nested:
+        setup_experiment(cfg, workdir, experiment)
     all_tags = run_tags(cfg, stage) | {k: str(v) for k, v in (tags or {}).items()}
     nested = nested or mlflow.active_run() is not None  # inside an ablation trial run: nest under it
     with mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags) as run:
