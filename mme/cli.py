@@ -102,6 +102,14 @@ def stage_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (config, files, videos, downloads, diverging loss): one line, no traceback."""
+    from mme.data.sources import DownloadError, ExtractError
+    from mme.data.video import VideoError
+
+    return (ConfigError, FileNotFoundError, ValueError, DownloadError, ExtractError, VideoError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"mme.stages.{STAGES[args.command][0]}")
     try:
         result = module.run(cfg, args.workdir, **stage_options(args))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except _user_errors() as exc:
         print(f"mme {args.command}: {exc}", file=sys.stderr)
         return 1
     if isinstance(result, dict):

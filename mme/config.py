@@ -42,8 +42,6 @@ class SyntheticConfig:
     fps: int = 25
     distractors: int = 2
     camera_pan: bool = True
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
     workers: int = 2
 
 
@@ -60,6 +58,8 @@ class DataConfig:
     flip: str = "auto"
     sampling: str = "dense"
     crop_scale_min: float = 0.5
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -203,8 +203,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "data.num_frames": (2, 128),
     "model.decoder_depth": (1, 16),
     "data.crop_scale_min": (0.05, 1.0),
-    "data.synthetic.val_fraction": (0.0, 0.5),
-    "data.synthetic.test_fraction": (0.0, 0.5),
+    "data.val_fraction": (0.0, 0.5),
+    "data.test_fraction": (0.0, 0.5),
 }
 
 # Named overlays (DESIGN.md section 5). Only the keys that differ from the defaults.
@@ -274,6 +274,10 @@ def _coerce(key: str, text: Any, current: Any) -> Any:
             raise ConfigError(f"{key} must be a list of {len(current)} numbers, got {text!r}")
         return tuple(float(v) for v in value)
     if isinstance(current, str):
+        if isinstance(text, str):  # a string field takes the text as written (`--set data.flip=off`)
+            return text
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off in params.yaml as a boolean
+            return "on" if value else "off"
         return "" if value is None else str(value)
     return value
 

@@ -67,3 +67,11 @@ def test_round_trip_through_dict_and_digest():
     assert again == cfg and again.digest() == cfg.digest()
     assert load_config("smoke").digest() != cfg.digest()
     assert cfg.flat()["target.kind"] == "hog+mbh"
+
+
+def test_string_fields_take_text_as_written(tmp_path):
+    assert load_config("mini", ["data.flip=off"]).data.flip == "off"
+    assert load_config("mini", ["data.flip=on"]).data.flip == "on"
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  flip: off\n")  # YAML 1.1 reads this as a boolean
+    assert load_config(None, params=params).data.flip == "off"

@@ -1,0 +1,480 @@
+"""The generated motion dataset (DESIGN.md section 6): real MP4 clips whose class is the actor's motion only.
+
+Each video shows a smooth random texture (optionally under a slow camera pan), one actor object and
+`distractors` other objects (static or jittering in place), all with a random shape, colour and
+texture. The class is what the actor does: slide left/right/up/down, rotate cw/ccw, grow/shrink,
+approach/separate (the actor and a partner object), bounce (hops on a floor) or orbit (circles).
+
+Time-reversed partners: `slide_right`, `slide_down`, `rotate_ccw`, `shrink` and `separate` are made
+by drawing a `slide_left`, `slide_up`, `rotate_cw`, `grow` or `approach` scene from the same
+distribution and playing it backwards, so a single frame has exactly the same distribution for a
+class and its partner. `bounce` and `orbit` are their own reversal (random drift / direction).
+Sizes not animated (radius, angle, position) are drawn from the time-marginals of the animated
+classes, so object size and placement say little about the class either.
+
+Motion magnitudes are given at 128 px ("unit pixels", scaled by size/128): 0.7-2.5 px/frame for
+slides, rotation edges, bounces and orbits, capped so a whole video's trajectory stays in frame;
+grow/shrink change the radius by 0.2-0.5 px/frame. Every video is a pure function of (seed, index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from mme.data.video import VideoError, video_info
+from mme.utils import atomic_path, write_json
+
+CLASSES = ("slide_left", "slide_right", "slide_up", "slide_down", "rotate_cw", "rotate_ccw",
+           "grow", "shrink", "approach", "separate", "bounce", "orbit")
+# class -> (class whose scene is drawn, play it backwards?)
+SCENE_OF = {name: (name, False) for name in CLASSES} | {
+    "slide_right": ("slide_left", True), "slide_down": ("slide_up", True), "rotate_ccw": ("rotate_cw", True),
+    "shrink": ("grow", True), "separate": ("approach", True)}
+
+REF_SIZE = 128              # the unit-pixel reference frame size
+SPEED = (0.7, 2.5)          # px/frame at REF_SIZE (slides, rotation edge, bounce, orbit)
+RADIUS = (7.0, 22.0)        # object radius range at REF_SIZE (grow/shrink span it)
+GROW_RATE = (0.2, 0.5)      # radius change, px/frame at REF_SIZE
+MAX_SPIN = 0.12             # rad/frame; keeps a stride-3 clip's steps below the shapes' symmetry angles
+IN_FRAME = 0.75             # object centres stay at least IN_FRAME * radius inside the frame
+BOUNCE_HEIGHT = (12.0, 30.0)  # hop height, px at REF_SIZE
+BOUNCE_PERIOD = (12.0, 40.0)  # frames between two floor contacts
+BOUNCE_DRIFT = 0.3          # max sideways drift of a bounce, px/frame at REF_SIZE
+ORBIT_RING = (12.0, 34.0)   # orbit radius, px at REF_SIZE
+MAX_ORBIT_SPIN = 0.15       # rad/frame
+PAN_SPEED = (0.05, 0.25)    # camera pan, px/frame at REF_SIZE
+JITTER = (0.3, 1.2)         # distractor shake amplitude, px at REF_SIZE
+SHAPES = ("circle", "ellipse", "triangle", "square", "pentagon", "hexagon", "star", "cross")
+PATTERNS = ("stripes", "checker", "dots", "split")
+
+
+@dataclass
+class SceneObject:
+    """One sprite and its per-frame state: centre (x, y) in frame pixels, angle (deg, cw), radius (px)."""
+
+    sprite: np.ndarray   # float32 (D, D, 4): RGB in 0..255 and alpha in 0..1, drawn at `base_radius`
+    base_radius: float
+    states: np.ndarray   # float32 (F, 4): x, y, angle, radius
+
+
+@dataclass
+class Scene:
+    background: np.ndarray  # float32 (S+2P, S+2P, 3), the world the camera looks at
+    pad: int
+    camera: np.ndarray      # float32 (F, 2): camera offset (x, y) from the centred view
+    objects: list[SceneObject]
+
+    def reversed(self) -> Scene:
+        """The same scene played backwards."""
+        objects = [SceneObject(o.sprite, o.base_radius, o.states[::-1].copy()) for o in self.objects]
+        return Scene(self.background, self.pad, self.camera[::-1].copy(), objects)
+
+
+# ---------------------------------------------------------------- appearance
+
+def smooth_texture(rng: np.random.Generator, height: int, width: int, channels: int = 3) -> np.ndarray:
+    """float32 (H, W, C) in about 0..1: random noise at three octaves, bicubically upsampled and summed."""
+    out = np.zeros((height, width, channels), np.float32)
+    for cells, weight in ((3, 0.5), (8, 0.3), (20, 0.2)):
+        noise = rng.random((cells, cells, channels)).astype(np.float32)
+        out += weight * cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC).reshape(out.shape)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _background(rng: np.random.Generator, size: int, pad: int) -> np.ndarray:
+    """float32 (S+2P, S+2P, 3) textured world: a random base colour modulated by smooth noise."""
+    side = size + 2 * pad
+    base = rng.uniform(40, 215, size=3).astype(np.float32)
+    texture = smooth_texture(rng, side, side) - 0.5
+    return np.clip(base + rng.uniform(60, 140) * texture, 0, 255)
+
+
+def _shape_polygon(kind: str, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """(N, 2) float vertices of a shape of outer radius `radius`, centred at 0."""
+    angles = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}
+    if kind in angles:
+        theta = np.arange(angles[kind]) * 2 * np.pi / angles[kind]
+        return radius * np.stack([np.cos(theta), np.sin(theta)], 1)
+    theta = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    if kind == "circle":
+        return radius * np.stack([np.cos(theta), np.sin(theta)], 1)
+    if kind == "ellipse":
+        return radius * np.stack([np.cos(theta), rng.uniform(0.5, 0.75) * np.sin(theta)], 1)
+    if kind == "star":
+        theta = np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, radius, radius * rng.uniform(0.4, 0.55))
+        return np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
+    a, b = radius * 0.35, radius * 0.94  # cross: 12-vertex plus sign
+    return np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a],
+                     [-b, -a], [-a, -a]])
+
+
+def _pattern(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 (D, D) in 0..1, a texture that is not rotation-invariant (so spinning is visible)."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) - (side - 1) / 2
+    theta = rng.uniform(0, np.pi)
+    u = xx * np.cos(theta) + yy * np.sin(theta)
+    v = -xx * np.sin(theta) + yy * np.cos(theta)
+    period = side * rng.uniform(0.2, 0.4)
+    if kind == "stripes":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * u / period)
+    if kind == "checker":
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        return (np.hypot((u % period) - period / 2, (v % period) - period / 2) < period * 0.3).astype(np.float32)
+    return 1.0 / (1.0 + np.exp(-u / (side * 0.05)))  # "split": two colours divided by a soft line
+
+
+def make_sprite(rng: np.random.Generator, radius: float) -> np.ndarray:
+    """float32 (D, D, 4): a random textured shape of outer radius `radius` (RGB 0..255, alpha 0..1)."""
+    side = 2 * int(math.ceil(radius)) + 4
+    supersample = 4
+    polygon = _shape_polygon(SHAPES[rng.integers(len(SHAPES))], radius, rng)
+    points = np.round((polygon + side / 2) * supersample).astype(np.int32)
+    mask = np.zeros((side * supersample, side * supersample), np.uint8)
+    cv2.fillPoly(mask, [points], 255)
+    alpha = cv2.resize(mask, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    mix = _pattern(PATTERNS[rng.integers(len(PATTERNS))], side, rng)[..., None].astype(np.float32)
+    rgb = colours[0] * (1 - mix) + colours[1] * mix + 40 * (smooth_texture(rng, side, side) - 0.5)
+    return np.concatenate([np.clip(rgb, 0, 255), alpha[..., None]], axis=2).astype(np.float32)
+
+
+# ---------------------------------------------------------------- motion (unit pixels; scaled by size/128)
+
+def _box(rng: np.random.Generator, size: float, radius: float) -> float:
+    """A coordinate uniform over the positions that keep an object of `radius` in frame."""
+    return float(rng.uniform(IN_FRAME * radius, size - IN_FRAME * radius))
+
+
+def _grow_track(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    """(F,) radius growing linearly inside RADIUS at a rate in GROW_RATE (capped to fit the video)."""
+    tau = np.arange(num_frames) - (num_frames - 1) / 2
+    span = max(num_frames - 1, 1)
+    high = min(GROW_RATE[1], (RADIUS[1] - RADIUS[0]) / span)
+    rate = rng.uniform(min(GROW_RATE[0], high), high)
+    half = rate * span / 2
+    middle = rng.uniform(RADIUS[0] + half, RADIUS[1] - half)
+    return middle + rate * tau
+
+
+def _marginal_radius(rng: np.random.Generator, num_frames: int) -> float:
+    """A radius drawn from the time-marginal of grow videos (so size alone does not reveal grow/shrink)."""
+    return float(_grow_track(rng, num_frames)[rng.integers(num_frames)])
+
+
+def _speed(rng: np.random.Generator, room: float, num_frames: int, low: float = SPEED[0]) -> float:
+    """A speed in [low, SPEED[1]], capped so `num_frames-1` frames travel at most `room`."""
+    high = min(SPEED[1], room / max(num_frames - 1, 1))
+    return float(rng.uniform(min(low, high), high))
+
+
+def _slide(rng, num_frames, size, vertical):  # the motion makers work in unit pixels (size = REF_SIZE)
+    """Actor moving left (or up) at constant speed across the frame."""
+    radius = _marginal_radius(rng, num_frames)
+    room = size - 2 * IN_FRAME * radius
+    speed = _speed(rng, room, num_frames)
+    half = speed * (num_frames - 1) / 2
+    along = rng.uniform(IN_FRAME * radius + half, size - IN_FRAME * radius - half)
+    tau = np.arange(num_frames) - (num_frames - 1) / 2
+    moving = along - speed * tau
+    across = np.full(num_frames, _box(rng, size, radius))
+    x, y = (across, moving) if vertical else (moving, across)
+    return [(x, y, np.full(num_frames, rng.uniform(0, 360)), np.full(num_frames, radius))]
+
+
+def _rotate(rng, num_frames, size):
+    """Actor spinning clockwise in place; its edge moves at SPEED."""
+    radius = _marginal_radius(rng, num_frames)
+    spin = min(MAX_SPIN, rng.uniform(*SPEED) / radius)
+    angle = rng.uniform(0, 360) + np.degrees(spin) * np.arange(num_frames)
+    x, y = np.full(num_frames, _box(rng, size, radius)), np.full(num_frames, _box(rng, size, radius))
+    return [(x, y, angle, np.full(num_frames, radius))]
+
+
+def _grow(rng, num_frames, size):
+    """Actor growing in place."""
+    radius = _grow_track(rng, num_frames)
+    x, y = np.full(num_frames, _box(rng, size, radius[-1])), np.full(num_frames, _box(rng, size, radius[-1]))
+    return [(x, y, np.full(num_frames, rng.uniform(0, 360)), radius)]
+
+
+def _approach(rng, num_frames, size):
+    """Actor and a partner moving towards each other along a random direction until they nearly touch."""
+    r_a, r_b = _marginal_radius(rng, num_frames), _marginal_radius(rng, num_frames)
+    near, far = 0.9 * (r_a + r_b), 0.8 * size
+    closing = 2 * _speed(rng, (far - near) / 2, num_frames, low=SPEED[0] / 1.4)
+    tau = np.arange(num_frames) - (num_frames - 1) / 2
+    gap_mid = rng.uniform(near + closing * (num_frames - 1) / 2, max(far - closing * (num_frames - 1) / 2,
+                                                                      near + closing * (num_frames - 1) / 2))
+    gap = gap_mid - closing * tau
+    theta = rng.uniform(0, 2 * np.pi)
+    direction = np.array([np.cos(theta), np.sin(theta)])
+    reach = np.abs(direction) * gap.max() / 2 + IN_FRAME * max(r_a, r_b)
+    centre = np.array([rng.uniform(min(reach[0], size / 2), max(size - reach[0], size / 2)),
+                       rng.uniform(min(reach[1], size / 2), max(size - reach[1], size / 2))])
+    a = centre[:, None] - direction[:, None] * gap / 2
+    b = centre[:, None] + direction[:, None] * gap / 2
+    angles = rng.uniform(0, 360, size=2)
+    return [(a[0], a[1], np.full(num_frames, angles[0]), np.full(num_frames, r_a)),
+            (b[0], b[1], np.full(num_frames, angles[1]), np.full(num_frames, r_b))]
+
+
+def _bounce(rng, num_frames, size):
+    """Actor hopping on a floor (|sin| arcs: sharp reversal at the floor), with a slow random drift.
+
+    The top vertical speed pi*height/period lies in SPEED; the drift direction is random, so a bounce
+    played backwards is again a bounce.
+    """
+    radius = _marginal_radius(rng, num_frames)
+    height = rng.uniform(*BOUNCE_HEIGHT)
+    fastest, slowest = np.pi * height / SPEED[1], np.pi * height / SPEED[0]
+    period = rng.uniform(max(BOUNCE_PERIOD[0], fastest), max(BOUNCE_PERIOD[0], min(BOUNCE_PERIOD[1], slowest)))
+    t = np.arange(num_frames)
+    floor = rng.uniform(min(IN_FRAME * radius + height, size / 2), size - IN_FRAME * radius)
+    y = floor - height * np.abs(np.sin(np.pi * (t + rng.uniform(0, period)) / period))
+    drift = rng.uniform(-BOUNCE_DRIFT, BOUNCE_DRIFT)
+    reach = IN_FRAME * radius + abs(drift) * num_frames / 2
+    x = rng.uniform(min(reach, size / 2), max(size - reach, size / 2)) + drift * (t - (num_frames - 1) / 2)
+    return [(x, y, np.full(num_frames, rng.uniform(0, 360)), np.full(num_frames, radius))]
+
+
+def _orbit(rng, num_frames, size):
+    """Actor travelling on a circle at a speed in SPEED, clockwise or counter-clockwise."""
+    radius = _marginal_radius(rng, num_frames)
+    ring = rng.uniform(*ORBIT_RING)
+    spin = min(MAX_ORBIT_SPIN, rng.uniform(*SPEED) / ring) * rng.choice([-1.0, 1.0])
+    phase = rng.uniform(0, 2 * np.pi) + spin * np.arange(num_frames)
+    reach = ring + IN_FRAME * radius
+    cx, cy = (rng.uniform(min(reach, size / 2), max(size - reach, size / 2)) for _ in range(2))
+    return [(cx + ring * np.cos(phase), cy + ring * np.sin(phase), np.full(num_frames, rng.uniform(0, 360)),
+             np.full(num_frames, radius))]
+
+
+def actor_tracks(scene_class: str, rng: np.random.Generator, num_frames: int, size: int) -> list[tuple]:
+    """Per-frame (x, y, angle, radius) arrays of the moving object(s) of a scene class, in frame pixels."""
+    scale = size / REF_SIZE
+    makers = {
+        "slide_left": lambda: _slide(rng, num_frames, REF_SIZE, vertical=False),
+        "slide_up": lambda: _slide(rng, num_frames, REF_SIZE, vertical=True),
+        "rotate_cw": lambda: _rotate(rng, num_frames, REF_SIZE),
+        "grow": lambda: _grow(rng, num_frames, REF_SIZE),
+        "approach": lambda: _approach(rng, num_frames, REF_SIZE),
+        "bounce": lambda: _bounce(rng, num_frames, REF_SIZE),
+        "orbit": lambda: _orbit(rng, num_frames, REF_SIZE),
+    }
+    tracks = makers[scene_class]()
+    return [(x * scale, y * scale, angle, radius * scale) for x, y, angle, radius in tracks]
+
+
+def _distractor_track(rng: np.random.Generator, num_frames: int, size: int) -> tuple:
+    """A static object, or (half the time) one shaking in place with a smooth random jitter."""
+    scale = size / REF_SIZE
+    radius = _marginal_radius(rng, num_frames) * scale
+    x, y = _box(rng, size, radius), _box(rng, size, radius)
+    t = np.arange(num_frames)
+    offsets = np.zeros((2, num_frames))
+    if rng.random() < 0.5:
+        amplitude = rng.uniform(*JITTER) * scale
+        for axis in range(2):
+            period = rng.uniform(4, 12, size=2)
+            phase = rng.uniform(0, 2 * np.pi, size=2)
+            offsets[axis] = amplitude / 2 * (np.sin(2 * np.pi * t / period[0] + phase[0]) +
+                                             np.sin(2 * np.pi * t / period[1] + phase[1]))
+    return x + offsets[0], y + offsets[1], np.full(num_frames, rng.uniform(0, 360)), np.full(num_frames, radius)
+
+
+def build_scene(label: int, rng: np.random.Generator, num_frames: int, size: int, distractors: int,
+                camera_pan: bool) -> Scene:
+    """The full scene of one video of class CLASSES[label] (time-reversed partners already reversed)."""
+    scene_class, backwards = SCENE_OF[CLASSES[label]]
+    scale = size / REF_SIZE
+    pan_speed = rng.uniform(*PAN_SPEED) * scale if camera_pan else 0.0
+    pan_angle = rng.uniform(0, 2 * np.pi)
+    tau = np.arange(num_frames) - (num_frames - 1) / 2
+    camera = (pan_speed * tau[:, None] * np.array([np.cos(pan_angle), np.sin(pan_angle)])).astype(np.float32)
+    pad = int(math.ceil(np.abs(camera).max())) + 2
+    background = _background(rng, size, pad)
+    tracks = actor_tracks(scene_class, rng, num_frames, size)
+    # approach/separate's partner stands in for one distractor, so every class shows as many objects
+    extra = max(distractors - (len(tracks) - 1), 0)
+    tracks += [_distractor_track(rng, num_frames, size) for _ in range(extra)]
+    objects = []
+    for x, y, angle, radius in tracks:
+        base = float(np.max(radius))
+        states = np.stack([x, y, angle, radius], 1).astype(np.float32)
+        objects.append(SceneObject(make_sprite(rng, base), base, states))
+    order = rng.permutation(len(objects))  # random depth order: the actor is not always on top
+    scene = Scene(background, pad, camera, [objects[i] for i in order])
+    return scene.reversed() if backwards else scene
+
+
+# ---------------------------------------------------------------- rendering
+
+def _paste(frame: np.ndarray, obj: SceneObject, state: np.ndarray, shift: np.ndarray) -> None:
+    """Alpha-blend one rotated/scaled sprite into `frame` (float32 (S, S, 3)) in place, inside its bounding box."""
+    x, y, angle, radius = (float(v) for v in state)
+    x, y = x - shift[0], y - shift[1]
+    size_h, size_w = frame.shape[:2]
+    reach = radius * 1.5 + 2
+    x0, y0 = max(int(math.floor(x - reach)), 0), max(int(math.floor(y - reach)), 0)
+    x1, y1 = min(int(math.ceil(x + reach)) + 1, size_w), min(int(math.ceil(y + reach)) + 1, size_h)
+    if x1 <= x0 or y1 <= y0:
+        return
+    centre = (obj.sprite.shape[1] - 1) / 2
+    # cv2's positive angle turns counter-clockwise on screen; states hold clockwise degrees
+    matrix = cv2.getRotationMatrix2D((centre, centre), -angle, radius / obj.base_radius)
+    matrix[0, 2] += x - centre - x0
+    matrix[1, 2] += y - centre - y0
+    patch = cv2.warpAffine(obj.sprite, matrix, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    alpha = np.ascontiguousarray(patch[..., 3])
+    region = frame[y0:y1, x0:x1]
+    region[...] = cv2.blendLinear(cv2.cvtColor(patch, cv2.COLOR_RGBA2RGB), region, alpha, 1.0 - alpha)
+
+
+def render(scene: Scene, size: int) -> np.ndarray:
+    """uint8 (F, S, S, 3) RGB frames of a scene."""
+    frames = []
+    for t, shift in enumerate(scene.camera):
+        view = np.float32([[1, 0, -(scene.pad + shift[0])], [0, 1, -(scene.pad + shift[1])]])
+        frame = cv2.warpAffine(scene.background, view, (size, size), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT)
+        for obj in scene.objects:
+            _paste(frame, obj, obj.states[t], shift)
+        frames.append(cv2.convertScaleAbs(frame))  # round and saturate to uint8 (values are >= 0)
+    return np.stack(frames)
+
+
+def video_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of video `index`: independent of worker count and order."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def label_of(index: int) -> int:
+    """Class of video `index` (round robin, so every class has the same count +-1)."""
+    return index % len(CLASSES)
+
+
+def make_video(index: int, num_frames: int, size: int, distractors: int, camera_pan: bool, seed: int) -> np.ndarray:
+    """uint8 (F, S, S, 3) RGB frames of video `index` (class `label_of(index)`)."""
+    rng = video_rng(seed, index)
+    scene = build_scene(label_of(index), rng, num_frames, size, distractors, camera_pan)
+    return render(scene, size)
+
+
+# ---------------------------------------------------------------- files
+
+GENERATOR_VERSION = 1  # bump whenever a change to this module changes the pixels of a video
+META_FILE = "meta.json"
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: float) -> None:
+    """Write RGB frames (F, H, W, 3) as an 'mp4v' MP4, atomically (temp name, then rename)."""
+    height, width = frames.shape[1:3]
+    with atomic_path(path, suffix=".tmp.mp4") as tmp:
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write {path} with the mp4v codec (is opencv built with FFmpeg?)")
+        try:
+            for frame in frames:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+        if tmp.stat().st_size == 0:
+            raise OSError(f"OpenCV wrote an empty file for {path}")
+
+
+def _is_complete(path: Path, num_frames: int, size: int) -> bool:
+    """True when `path` is a readable video of the expected length and size."""
+    if not path.is_file():
+        return False
+    try:
+        info = video_info(path)
+    except VideoError:
+        return False
+    return (info.num_frames, info.height, info.width) == (num_frames, size, size)
+
+
+def _make_one(task: tuple) -> tuple[int, bool]:
+    """Worker: generate video `index` unless a complete one exists; returns (index, written)."""
+    index, path, cfg, seed = task
+    if _is_complete(path, cfg.num_frames, cfg.size):
+        return index, False
+    frames = make_video(index, cfg.num_frames, cfg.size, cfg.distractors, cfg.camera_pan, seed)
+    write_mp4(path, frames, cfg.fps)
+    if not _is_complete(path, cfg.num_frames, cfg.size):  # every generated video must decode (decord first)
+        path.unlink()
+        raise OSError(f"generated video {path} does not read back with {cfg.num_frames} frames of {cfg.size} px")
+    return index, True
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def video_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / "videos" / f"{index:06d}.mp4"
+
+
+def _clean_stale(out_dir: Path, num_videos: int) -> int:
+    """Delete temp files of interrupted runs and videos beyond `num_videos`; returns how many were removed."""
+    videos = Path(out_dir) / "videos"
+    removed = 0
+    for path in videos.glob("*"):
+        stale = path.name.startswith(".") or not path.stem.isdigit() or int(path.stem) >= num_videos
+        if path.is_file() and stale:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def generate(out_dir: str | Path, cfg, seed: int, progress: bool = True) -> list[tuple[Path, int]]:
+    """Generate (or complete) the dataset under `out_dir`; returns `(video path, label)` for every video."""
+    return generate_counted(out_dir, cfg, seed, progress)[0]
+
+
+def generate_counted(out_dir: str | Path, cfg, seed: int, progress: bool = True) -> tuple[list[tuple[Path, int]], int]:
+    """`generate`, also returning how many videos were written (the rest were complete already).
+
+    Args:
+        out_dir: dataset root (`data/raw/synthetic`); videos go to `out_dir/videos/NNNNNN.mp4`.
+        cfg: `SyntheticConfig` (num_videos, num_frames, size, fps, distractors, camera_pan, workers).
+        seed: the config seed; video i depends only on (seed, i).
+        progress: show a tqdm bar.
+    Existing complete videos are kept when `out_dir/meta.json` records the same parameters (the count
+    aside: video i does not depend on it), so an interrupted run resumes and a larger set only adds
+    videos; when the parameters differ every old video is deleted first.
+    """
+    out_dir = Path(out_dir)
+    videos = out_dir / "videos"
+    meta = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "classes": list(CLASSES),
+            **{k: getattr(cfg, k) for k in ("num_frames", "size", "fps", "distractors", "camera_pan")}}
+    meta_path = out_dir / META_FILE
+    if not (meta_path.is_file() and json.loads(meta_path.read_text()) == meta):
+        shutil.rmtree(videos, ignore_errors=True)  # made with other parameters: none of it may be reused
+        write_json(meta_path, meta)
+    videos.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out_dir, cfg.num_videos)
+    tasks = [(i, video_path(out_dir, i), cfg, seed) for i in range(cfg.num_videos)]
+    written = 0
+    with tqdm(total=len(tasks), desc="synthetic videos", unit="video", disable=not progress) as bar:
+        if cfg.workers > 1 and len(tasks) > 1:
+            with mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker) as pool:
+                for _, made in pool.imap_unordered(_make_one, tasks, chunksize=4):
+                    written += made
+                    bar.update()
+        else:
+            for task in tasks:
+                written += _make_one(task)[1]
+                bar.update()
+    return [(video_path(out_dir, i), label_of(i)) for i in range(cfg.num_videos)], written
