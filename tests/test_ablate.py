@@ -1,0 +1,196 @@
+"""experiments/ablate.py with a cheap deterministic runner (its `--runner module:function` hook):
+two worker processes split a grid without duplicates, a failing trial is retried once, a finished study
+resumes to nothing, a point that keeps failing is given up, every trial is an MLflow run under the
+study's parent run, and bad input fails with a message that names the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from mme.reports.studies import STUDIES, blocking_reason
+
+REPO = Path(__file__).resolve().parents[1]
+ABLATE = REPO / "experiments" / "ablate.py"
+
+# A runner that sleeps a little, returns metrics that depend on the setting and the seed, and can fail on
+# demand: FAKE_FAIL_ONCE / FAKE_FAIL_ALWAYS = "key=value,..." matched against the trial's flat config.
+# FAKE_BARRIER=N makes each worker's first trial wait until N workers have started one (so the test
+# proves that the grid is split, independently of how fast each process starts).
+FAKE_RUNNER = '''
+import os, time
+from pathlib import Path
+
+def _matches(cfg, spec):
+    flat = cfg.flat()
+    return bool(spec) and all(str(flat[k]) == v for k, v in (p.split("=", 1) for p in spec.split(",")))
+
+def run(cfg, trial_dir, stages):
+    state = Path(os.environ["FAKE_STATE"])
+    barrier = int(os.environ.get("FAKE_BARRIER", "0"))
+    mine = state / f"worker-{os.getpid()}"
+    if barrier and not mine.exists():
+        mine.touch()
+        deadline = time.time() + 60
+        while len(list(state.glob("worker-*"))) < barrier and time.time() < deadline:
+            time.sleep(0.1)
+    time.sleep(0.3)
+    if _matches(cfg, os.environ.get("FAKE_FAIL_ALWAYS", "")):
+        raise RuntimeError("injected permanent failure")
+    if _matches(cfg, os.environ.get("FAKE_FAIL_ONCE", "")):
+        try:
+            os.close(os.open(state / "failed-once", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            raise RuntimeError("injected one-off failure")
+        except FileExistsError:
+            pass
+    assert (trial_dir / "data").is_symlink()
+    top1 = 50.0 + cfg.target.length + 0.5 * cfg.seed
+    return {"ft_top1": top1, "ft_top5": top1 + 20, "probe_top1": top1 - 20, "pretrain_seconds": 1.0,
+            "pretrain_loss": 0.1 * cfg.target.length}
+'''
+
+
+def _load_ablate():
+    """The script as a module (it is not part of the package); loaded once per session."""
+    if "ablate_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ablate_script", ABLATE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ablate_script"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules["ablate_script"]
+
+
+@pytest.fixture
+def fake_runner(tmp_path) -> dict[str, str]:
+    """Environment for a subprocess that can import `ablate_fake_runner`."""
+    (tmp_path / "ablate_fake_runner.py").write_text(FAKE_RUNNER)
+    (tmp_path / "state").mkdir()
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": pythonpath, "FAKE_STATE": str(tmp_path / "state")}
+
+
+def _trials(storage: str, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def _ablate(workdir: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ABLATE), "--study", "length", "--preset", "smoke", "--seeds", "2",
+           "--runner", "ablate_fake_runner:run", "--workdir", str(workdir), *extra]
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | env
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_workers_split_grid_retry_failure_and_resume(tmp_path, fake_runner):
+    workdir = tmp_path / "work"
+    env = fake_runner | {"FAKE_BARRIER": "2", "FAKE_FAIL_ONCE": "target.length=6,seed=1"}
+    out = _ablate(workdir, env, "--n-jobs", "2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    storage, name = f"sqlite:///{workdir / 'optuna.db'}", "length-smoke-synthetic"
+    trials = _trials(storage, name)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    points = sorted((t.params["setting"], t.params["seed"]) for t in complete)
+    assert points == [(f"L={n}", s) for n in (4, 6, 8) for s in (0, 1)]  # every point once, no duplicate
+    assert len({t.user_attrs["worker_pid"] for t in complete}) == 2  # both workers ran trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [(t.params["setting"], t.params["seed"]) for t in failed] == [("L=6", 1)]
+    assert "injected one-off failure" in failed[0].user_attrs["error"]
+    retried = next(t for t in complete if t.params == {"setting": "L=6", "seed": 1})
+    assert retried.user_attrs["retry_of"] == failed[0].number and retried.value == 56.5
+    assert {t.user_attrs["ft_top1"] for t in complete} == {54.0, 54.5, 56.0, 56.5, 58.0, 58.5}
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent_id = optuna.load_study(study_name=name, storage=storage).user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["grid_points_done"] == 6
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == sorted(t.number for t in ran)
+    assert {r.data.params["optuna_trial_number"] for r in children} == {str(t.number) for t in ran}
+
+    table = pd.read_csv(workdir / "reports/tables/table7a_length.csv")  # ablate.py rebuilt the table
+    assert list(table["n_seeds"]) == [2, 2, 2] and list(table["ft_top1_mean"]) == [54.25, 56.25, 58.25]
+
+    again = _ablate(workdir, fake_runner)  # resume a finished study: nothing new runs
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(_trials(storage, name)) == len(trials)
+    assert "6/6 grid points done" in again.stdout
+
+
+def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner, monkeypatch):
+    for key, value in fake_runner.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FAKE_FAIL_ALWAYS", "target.patch_norm=False")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test; main() points it at the workdir
+    monkeypatch.syspath_prepend(str(tmp_path))
+    journal = tmp_path / "work" / "optuna.journal"
+    argv = ["--study", "norm", "--preset", "smoke", "--storage", str(journal), "--workdir", str(tmp_path / "work"),
+            "--runner", "ablate_fake_runner:run"]
+    ablate = _load_ablate()
+    assert ablate.main(argv) == 1  # one point given up
+    assert journal.exists()
+    storage = ablate.open_storage(str(journal))
+    trials = _trials(storage, "norm-smoke-synthetic")
+    by_state = {state: [t.params["setting"] for t in trials if t.state == state] for state in TrialState}
+    assert by_state[TrialState.COMPLETE] == ["w/ patch norm"]
+    assert by_state[TrialState.FAIL] == ["w/o patch norm", "w/o patch norm"]  # the first try and one retry
+    assert ablate.main(argv) == 1 and len(_trials(storage, "norm-smoke-synthetic")) == len(trials)
+    table = pd.read_csv(tmp_path / "work/reports/tables/table7b_norm.csv").set_index("setting")
+    assert table.loc["w/o patch norm", "n_seeds"] == 0 and pd.isna(table.loc["w/o patch norm", "ft_top1_mean"])
+
+
+def _t(number, state, setting=None, seed=0, minute=0, grid=None, **user_attrs):
+    params = {"setting": setting, "seed": seed} if setting else {}
+    system = {"grid_id": grid, "search_space": {"seed": [0], "setting": ["a", "b"]}} if grid is not None else {}
+    return SimpleNamespace(number=number, state=state, params=params, system_attrs=system, user_attrs=user_attrs,
+                           datetime_start=datetime(2026, 1, 1) + timedelta(minutes=minute))
+
+
+def test_blocking_reason_yields_to_finished_earlier_running_and_exhausted_points():
+    me = _t(5, TrialState.RUNNING, "a", minute=5, grid=0)
+    assert blocking_reason([me], me, ("a", 0)) is None
+    assert "finished in trial 1" in blocking_reason([_t(1, TrialState.COMPLETE, "a"), me], me, ("a", 0))
+    assert "running in trial 2" in blocking_reason([_t(2, TrialState.RUNNING, "a", minute=1), me], me, ("a", 0))
+    assert blocking_reason([_t(7, TrialState.RUNNING, "a", minute=9), me], me, ("a", 0)) is None  # it yields to me
+    no_params_yet = _t(3, TrialState.RUNNING, minute=2, grid=0)  # same GridSampler cell, params not written
+    assert "running in trial 3" in blocking_reason([no_params_yet, me], me, ("a", 0))
+    assert blocking_reason([_t(1, TrialState.COMPLETE, "b"), me], me, ("a", 0)) is None
+    fail, stopped = _t(1, TrialState.FAIL, "a"), _t(2, TrialState.FAIL, "a", interrupted=True)
+    assert blocking_reason([fail, stopped, me], me, ("a", 0)) is None  # an interrupted run is no failure
+    assert "given up" in blocking_reason([fail, _t(2, TrialState.FAIL, "a"), me], me, ("a", 0))
+
+
+def test_bad_input_names_the_fix(tmp_path, capsys):
+    ablate = _load_ablate()
+    base = ["--workdir", str(tmp_path), "--preset", "smoke"]
+    assert ablate.main(["--study", "lenght", *base]) == 2
+    assert "choose one of: content, interpolation, length" in capsys.readouterr().err
+    assert ablate.main(["--study", "length", "--set", "target.length=4", *base]) == 2
+    assert "sweeps target.length" in capsys.readouterr().err
+    assert ablate.main(["--study", "length", "--set", "seed=3", *base]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert ablate.main(["--study", "length", "--runner", "no_such_module:run", *base]) == 2
+    assert "PYTHONPATH" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_trial_dirs_are_distinct_per_setting(tmp_path):
+    ablate = _load_ablate()
+    for name in STUDIES:
+        args = ablate.parse_args(["--study", name, "--preset", "smoke", "--workdir", str(tmp_path), "--seeds", "2"])
+        plan = ablate.make_plan(name, args)
+        dirs = {plan.trial_dir(label, seed) for label, seed in plan.points()}
+        assert len(dirs) == len(plan.points()), name
+        assert all(d.parent == tmp_path / "trials" / plan.name for d in dirs)

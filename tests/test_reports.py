@@ -1,0 +1,136 @@
+"""Paper tables from a real Optuna SQLite study: statistics, de-duplication, paper join, ordering, files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from mme.config import load_config
+from mme.reports import tables
+from mme.reports.reference import REFERENCE_CSV, paper_table, paper_value
+from mme.reports.studies import STUDIES, get_study, open_storage, study_names
+from mme.stages import report
+
+SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_tables.csv"
+LENGTH = get_study("length")
+
+
+def _trial(setting: str, seed: int, state: TrialState = TrialState.COMPLETE, **attrs: float):
+    distributions = {"setting": CategoricalDistribution(list(LENGTH.labels)), "seed": IntDistribution(0, 2)}
+    return create_trial(state=state, value=attrs.get("ft_top1") if state == TrialState.COMPLETE else None,
+                        params={"setting": setting, "seed": seed}, distributions=distributions, user_attrs=attrs)
+
+
+def _metrics(top1: float, top5: float = 90.0, probe: float = 40.0, seconds: float = 10.0) -> dict[str, float]:
+    return {"ft_top1": top1, "ft_top5": top5, "probe_top1": probe, "pretrain_seconds": seconds, "pretrain_loss": 0.5}
+
+
+@pytest.fixture
+def length_storage(tmp_path) -> str:
+    """A SQLite Optuna study shaped like ablate.py's, with known trial attributes."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=url, study_name="length-smoke-synthetic", direction="maximize")
+    for key, value in (("mme_study", "length"), ("preset", "smoke"), ("dataset", "synthetic")):
+        study.set_user_attr(key, value)
+    study.add_trials([
+        _trial("L=4", 0, **_metrics(60.0, 80.0, 30.0, 10.0)),
+        _trial("L=4", 1, **_metrics(62.0, 84.0, 34.0, 14.0)),
+        _trial("L=6", 0, **_metrics(65.0)),
+        _trial("L=4", 0, **_metrics(99.0, 99.0, 99.0, 99.0)),  # a GridSampler duplicate: must not count
+        _trial("L=8", 0, state=TrialState.FAIL, **_metrics(100.0)),  # failed: must not count
+        _trial("L=8", 1, **_metrics(58.0)),
+    ])
+    optuna.create_study(storage=url, study_name="not-ours")  # a foreign study in the same storage is skipped
+    return url
+
+
+def test_reference_copy_matches_shared_csv_and_covers_every_study():
+    if SHARED_CSV.exists():
+        assert REFERENCE_CSV == SHARED_CSV.read_text()
+    for table in ("4", "5", "6", "7a", "7b", "7c", "7d", "7e", "7f", "fig3"):
+        assert any(line.startswith(f"{table},") for line in REFERENCE_CSV.splitlines()), table
+    for study in STUDIES.values():  # every paper label a study uses exists in the paper's table
+        for setting in study.settings:
+            if setting.paper is not None:
+                assert paper_value(study.paper_study, setting.paper, "top1") is not None, (study.name, setting)
+    assert paper_table("length")["L=6"] == {"top1": 64.1, "top5": 88.4}
+
+
+def test_every_setting_builds_a_config_with_its_swept_value():
+    for study in STUDIES.values():
+        for setting in study.settings:
+            cfg = load_config("smoke", [*study.base, *setting.overrides, "seed=3"]).flat()
+            assert cfg["seed"] == 3
+            for item in setting.overrides:
+                key, value = item.split("=", 1)
+                assert str(cfg[key]).lower() == value.lower(), (study.name, item)
+    assert study_names("all") == list(STUDIES)
+    with pytest.raises(KeyError, match="choose one of: content, interpolation"):
+        get_study("lenght")
+
+
+def test_tables_from_sqlite_study(length_storage):
+    (table,) = tables.load_tables(open_storage(length_storage))
+    assert table.optuna_study == "length-smoke-synthetic" and table.trials_counted == 4
+    rows = table.rows.set_index("setting")
+    assert list(rows.index) == ["L=4", "L=6", "L=8"]
+    l4 = rows.loc["L=4"]
+    assert l4["n_seeds"] == 2
+    assert l4["ft_top1_mean"] == pytest.approx(61.0) and l4["ft_top1_std"] == pytest.approx(math.sqrt(2))
+    assert l4["ft_top5_mean"] == pytest.approx(82.0) and l4["ft_top5_std"] == pytest.approx(math.sqrt(8))
+    assert l4["probe_top1_mean"] == pytest.approx(32.0) and l4["pretrain_seconds_mean"] == pytest.approx(12.0)
+    assert rows.loc["L=6", "n_seeds"] == 1 and math.isnan(rows.loc["L=6", "ft_top1_std"])  # one seed: no std
+    assert rows.loc["L=8", "ft_top1_mean"] == pytest.approx(58.0)  # the failed trial's 100 is ignored
+    assert rows.loc["L=4", "paper_top1"] == 63.2 and rows.loc["L=6", "paper_top5"] == 88.4
+    assert set(rows["preset"]) == {"smoke"} and set(rows["dataset"]) == {"synthetic"}
+
+    result = tables.ordering(table)
+    assert result.best_measured == ("L=6",) and result.best_paper == ("L=6",) and result.same_best
+    # measured ranks (L=4, L=6, L=8) = (2, 3, 1); paper (63.2, 64.1, 63.3) -> (1, 3, 2): rho = 1 - 6*2/24
+    assert result.spearman == pytest.approx(0.5)
+    text = tables.agreement_text(table, result)
+    assert "**L=6**, the same as the paper's best" in text and "+0.50" in text
+
+
+def test_ordering_reports_ties_and_disagreement():
+    study = get_study("norm")
+    rows = pd.DataFrame({"setting": ["w/o patch norm", "w/ patch norm"], "n_seeds": [2, 2],
+                         "ft_top1_mean": [70.0, 60.0], "ft_top1_std": [1.0, 1.0], "paper_top1": [62.1, 64.1]})
+    table = tables.StudyTable(study, "norm-mini-synthetic", "mini", "synthetic", rows, 4)
+    result = tables.ordering(table)
+    assert result.same_best is False and result.spearman == pytest.approx(-1.0)
+    assert "the best setting differs" in tables.agreement_text(table, result)
+    tied = tables.StudyTable(study, "n", "mini", "synthetic", rows.assign(ft_top1_mean=[0.0, 0.0]), 4)
+    result = tables.ordering(tied)
+    assert result.same_best is None and result.spearman is None
+    assert "tie for best" in tables.agreement_text(tied, result)
+
+
+def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smoke_cfg):
+    workdir = tmp_path / "work"
+    result = report.run(smoke_cfg, workdir, storage=length_storage)
+    assert result["tables"] == ["tables/table7a_length.csv"] and result["trials_total"] == 4
+    csv = pd.read_csv(workdir / "reports/tables/table7a_length.csv")
+    assert list(csv.columns[:13]) == tables.COLUMNS[:13]
+    assert csv.loc[csv["setting"] == "L=4", "ft_top1_mean"].item() == pytest.approx(61.0)
+    assert (workdir / "reports/figures/table7a_length.png").stat().st_size > 1000
+    assert "| L=4 | 2 | 61.00 ± 1.41 |" in (workdir / "reports/tables/table7a_length.md").read_text()
+    readme = (workdir / "reports/README.md").read_text()
+    assert "Table 7a" in readme and "Spearman" in readme and "+0.50" in readme
+    assert json.loads((workdir / "reports/metrics/report.json").read_text())["trials"] == {"table7a_length": 4}
+
+
+def test_report_without_trials_writes_no_table(tmp_path, smoke_cfg, capsys):
+    result = report.run(smoke_cfg, tmp_path)
+    assert result["tables"] == [] and "no finished ablation trial" in result["message"]
+    assert "ablate.py" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()  # reading must not create an empty store
+    assert not (tmp_path / "reports/tables").exists() and not (tmp_path / "reports/README.md").exists()
+    assert (tmp_path / "reports/metrics/report.json").exists()  # the DVC stage declares this metrics file
