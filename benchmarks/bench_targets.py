@@ -1,0 +1,172 @@
+"""Target-building speed (issue 3, "Speed"; DESIGN.md section 8), on one core.
+
+Measures, on generated mini motion videos (16 x 112 x 112 clips, stride 3, K=4, L=6, interpolation on):
+- building the per-token target of every registered kind from the decoded, augmented frames and the cached
+  flow of one clip (`TargetSpec.build`: tracking, descriptors, patch norm; the issue's budget is 15 ms);
+- the whole `PretrainDataset.__getitem__` (decode + flow-cache read + crop/resize/flip of frames and flow +
+  targets + mask + normalisation), with its parts timed separately.
+
+`torch.set_num_threads(1)`; wall-clock and process CPU time, medians and minima over repeats. The machine's
+load average is recorded beside the figures: on shared cores every number grows with it (the CPU-time
+minimum is the figure least disturbed by other processes, and the one checked against the budget).
+
+Prints a table and writes benchmarks/results/targets.json. Usage:
+    python benchmarks/bench_targets.py [--videos 6] [--repeats 20] [--kinds traj pixel ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import mme.data.datasets as datasets_module
+from mme.config import SyntheticConfig, load_config
+from mme.data.datasets import PretrainDataset, item_rng
+from mme.data.lists import relative_to_workdir, write_list
+from mme.data.synthetic import generate
+from mme.paths import Paths
+from mme.stages import extract
+from mme.targets import TARGETS, TargetInputs
+from mme.utils import write_json
+
+MINI_SIZE, MINI_FRAMES = 128, 64
+BUDGET_MS = 15.0  # issue 3: all targets of one mini clip on one core
+# The steps of PretrainDataset.__getitem__ timed separately (functions looked up in mme.data.datasets).
+STEPS = {"decode": "read_frames", "flow_read": "load_flow", "augment_frames": "crop_frames",
+         "augment_flow": "crop_flow", "mask": "make_mask", "normalize": "normalize"}
+
+
+def make_workdir(root: Path, num_videos: int) -> Path:
+    """Generated mini videos, a train list and their flow cache (the extract stage, DIS)."""
+    synthetic = SyntheticConfig(num_videos=num_videos, num_frames=MINI_FRAMES, size=MINI_SIZE, workers=1)
+    rows = generate(Paths(root).raw_dir("synthetic"), synthetic, seed=0, progress=False)
+    write_list(Paths(root).list_file("synthetic", "train"), [(relative_to_workdir(root, p), y) for p, y in rows])
+    extract.run(load_config("mini"), root, workers=1)
+    return root
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    return {"median_ms": round(statistics.median(seconds) * 1e3, 2), "min_ms": round(min(seconds) * 1e3, 2)}
+
+
+def time_build(workdir: Path, kind: str, repeats: int) -> dict[str, float]:
+    """Median/min ms of `build` for one clip: fresh TargetInputs each time (gray images included)."""
+    cfg = load_config("mini", [f"target.kind={kind}"])
+    dataset = PretrainDataset(cfg, workdir)
+    sample = dataset.load(0, item_rng(cfg.seed, 0, 0))
+    frames, offsets, flow = sample.inputs.frames, sample.inputs.offsets, sample.inputs.flow
+    spec = TARGETS[kind]
+    spec.build(TargetInputs(frames, offsets, flow), cfg)  # warm-up
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        spec.build(TargetInputs(frames, offsets, flow), cfg)
+        seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return summary(seconds) | {"cpu_median_ms": summary(cpu)["median_ms"], "cpu_min_ms": summary(cpu)["min_ms"],
+                               "frames": int(len(frames)), "flow_pairs": int(len(flow)) if flow is not None else 0,
+                               "width": int(sum(spec.parts(cfg).values()))}
+
+
+@contextlib.contextmanager
+def step_timers(buckets: dict[str, list[float]]):
+    """Wrap the functions `__getitem__` calls (as named in mme.data.datasets) with timers."""
+    originals = {name: getattr(datasets_module, attr) for name, attr in STEPS.items()}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                buckets[name][-1] += time.perf_counter() - start
+        return wrapper
+
+    def timed_cache(path):  # the cache's metadata and its window read both count as the flow read
+        cache = originals["flow_read"](path)
+        cache.window = timed("flow_read", cache.window)
+        return cache
+
+    for name, attr in STEPS.items():
+        setattr(datasets_module, attr, timed(name, originals[name]))
+    datasets_module.load_flow = timed("flow_read", timed_cache)
+    try:
+        yield
+    finally:
+        for name, attr in STEPS.items():
+            setattr(datasets_module, attr, originals[name])
+
+
+def time_getitem(workdir: Path, repeats: int) -> dict:
+    """The whole `__getitem__` of the default (traj) dataset, over every video, and its steps."""
+    cfg = load_config("mini")
+    dataset = PretrainDataset(cfg, workdir)
+    dataset[0]  # warm-up
+    total, buckets = [], defaultdict(list)
+    with step_timers(buckets):
+        for epoch in range(repeats):
+            dataset.set_epoch(epoch)
+            for index in range(len(dataset)):
+                for name in STEPS:
+                    buckets[name].append(0.0)
+                start = time.perf_counter()
+                dataset[index]
+                total.append(time.perf_counter() - start)
+    steps = {name: summary(values)["median_ms"] for name, values in buckets.items()}
+    steps["targets_and_rest"] = round(summary(total)["median_ms"] - sum(steps.values()), 2)
+    return {"kind": cfg.target.kind, "items": len(total), **summary(total), "steps_median_ms": steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--kinds", nargs="*", default=list(TARGETS), help="target kinds to time (default: all)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "targets.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = make_workdir(Path(tmp), args.videos)
+        load_before = os.getloadavg()
+        build = {kind: time_build(workdir, kind, args.repeats) for kind in args.kinds}
+        getitem = time_getitem(workdir, max(1, args.repeats // 4))
+        load_after = os.getloadavg()
+    cfg = load_config("mini")
+    results = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)]},
+        "clip": {"frames": cfg.data.num_frames, "size": cfg.data.input_size, "stride": cfg.data.stride,
+                 "points_per_patch": cfg.target.points_per_patch, "length": cfg.target.length,
+                 "interpolate": cfg.target.interpolate, "flow_backend": cfg.flow.backend},
+        "build_ms": build,
+        "budget_ms": BUDGET_MS,
+        "traj_within_budget": build["traj"]["cpu_min_ms"] <= BUDGET_MS if "traj" in build else None,
+        "getitem_ms": getitem,
+    }
+    write_json(args.out, results)
+    print_table(results)
+    print(f"wrote {args.out}")
+
+
+def print_table(results: dict) -> None:
+    print(f"target build, one mini clip, 1 thread (load avg {results['machine']['load_average_1min']}):")
+    for kind, row in results["build_ms"].items():
+        print(f"  {kind:14s} wall {row['median_ms']:7.2f} ms median {row['min_ms']:7.2f} min | cpu "
+              f"{row['cpu_median_ms']:7.2f} median {row['cpu_min_ms']:7.2f} min | width {row['width']}")
+    getitem = results["getitem_ms"]
+    print(f"PretrainDataset.__getitem__ ({getitem['kind']}): {getitem['median_ms']:.2f} ms median "
+          f"over {getitem['items']} items; steps: {getitem['steps_median_ms']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The two datasets: pre-training clips with their motion targets, and labelled clips for classification.
+
+`PretrainDataset` item (DESIGN.md section 3): a random start such that the clip and the dense frames its
+targets read fit the video; one decode of the input frames and those dense frames; the flow window from the
+cache; one random resized crop (+ flip where the labels allow it) applied to frames AND flow; the targets of
+`target.kind` built from those augmented frames and flow; the mask; optionally the input frames shuffled
+(`data.shuffle_frames`, the paper's Fig. 3: only the input order is shuffled, targets come from the real video).
+
+Randomness: every item draws from `np.random.default_rng([seed, epoch, index])` (start, crop, flip, mask,
+shuffle, in that order), so an item depends only on (seed, epoch, index): a resumed run, another worker
+count or another process sees the same data. Call `set_epoch` each epoch (the training loop does).
+
+No file is opened in `__init__` beyond the list and the cache metadata check, so the datasets are safe to
+fork into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mme.data.lists import read_classes, read_list, resolve_video
+from mme.data.masking import make_mask
+from mme.data.sampling import (
+    clip_indices,
+    clip_span,
+    segment_indices,
+    test_clip_starts,
+    train_clip_start,
+)
+from mme.data.transforms import CropParams, crop_flow, crop_frames, flip_allowed, normalize, sample_crop, spatial_crops
+from mme.data.video import read_frames, video_info
+from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.motion.tracking import resize_flow
+from mme.paths import Paths
+from mme.targets import TargetGeometry, TargetInputs, TargetSpec, get_target
+
+FLIP_PROB = 0.5  # horizontal flip probability where flips are allowed
+
+FlowWindow = Callable[[int, int], np.ndarray]  # (first pair, stop pair) -> float32 (S, H, W, 2)
+
+
+def item_rng(seed: int, epoch: int, index: int, *extra: int) -> np.random.Generator:
+    """The generator of one item: a function of (seed, epoch, index) only."""
+    return np.random.default_rng([seed, epoch, index, *extra])
+
+
+def crop_scale(cfg) -> tuple[float, float]:
+    return cfg.data.crop_scale_min, 1.0
+
+
+def flip_prob(cfg) -> float:
+    return FLIP_PROB if flip_allowed(cfg) else 0.0
+
+
+@dataclass
+class ClipSample:
+    """One decoded, augmented clip with everything its targets read (see `load_clip`)."""
+
+    inputs: TargetInputs
+    input_rows: torch.Tensor  # rows of inputs.frames that are the T input frames, in order
+    start: int
+    crop: CropParams
+
+    @property
+    def clip(self) -> torch.Tensor:
+        """float32 (T, S, S, 3) 0..255 input frames in their real order."""
+        return self.inputs.frames[self.input_rows]
+
+
+def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int, flow_window: FlowWindow | None,
+              rng: np.random.Generator) -> ClipSample:
+    """Sample a start and a crop, decode the clip + the dense frames the target reads, augment frames and flow.
+
+    Args:
+        cfg: resolved config; spec: the target kind; video: the file; num_video_frames: its frame count.
+        flow_window: reads flow pairs [a, b) of the video in the decoded frames' resolution or any other
+            (resized to the frames); None for kinds without flow.
+    """
+    geo = TargetGeometry.from_cfg(cfg)
+    base_span = clip_span(geo.num_frames, geo.stride)
+    span = clip_span(geo.num_frames, geo.stride, extra=max(0, spec.window(geo) - base_span))
+    start = train_clip_start(num_video_frames, span, rng)
+    offsets = sorted(set(geo.input_offsets) | spec.frame_offsets(geo))
+    indices = np.clip(start + np.asarray(offsets), 0, num_video_frames - 1)
+    frames = read_frames(video, indices, short_side=cfg.data.short_side)
+    height, width = frames.shape[1:3]
+    crop = sample_crop(height, width, cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg), rng=rng)
+    flow = None
+    if flow_window is not None and spec.needs_flow:
+        stop = min(start + spec.flow_pairs(geo), num_video_frames - 1)
+        raw = torch.from_numpy(np.ascontiguousarray(flow_window(start, max(stop, start))))
+        flow = crop_flow(resize_flow(raw, height, width), crop)
+    offsets_t = torch.tensor(offsets, dtype=torch.long)
+    inputs = TargetInputs(crop_frames(frames, crop), offsets_t, flow)
+    return ClipSample(inputs, inputs.rows(geo.input_offsets), start, crop)
+
+
+def pretrain_item(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """video (3,T,H,W) normalised, mask (N,) bool, target (N,D) float32, target_valid (N,D) bool."""
+    geo = TargetGeometry.from_cfg(cfg)
+    target, target_valid = spec.build(sample.inputs, cfg)
+    mask = make_mask(cfg.mask.kind, cfg.mask.ratio, geo.grid, rng)
+    clip = sample.clip
+    if cfg.data.shuffle_frames:
+        clip = clip[torch.from_numpy(rng.permutation(len(clip)))]
+    return {"video": normalize(clip), "mask": torch.from_numpy(mask), "target": target,
+            "target_valid": target_valid}
+
+
+def _num_classes(lists_dir: Path, rows: list[tuple[str, int]]) -> int:
+    try:
+        return len(read_classes(lists_dir))
+    except (FileNotFoundError, ValueError, KeyError):
+        return max((label for _, label in rows), default=-1) + 1
+
+
+class PretrainDataset(Dataset):
+    """Pre-training clips of one split with their targets (docs/interfaces.md); `.skipped` lists dropped videos."""
+
+    def __init__(self, cfg, workdir: str | Path, split: str = "train"):
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.spec = get_target(cfg)
+        self.epoch = 0
+        paths = Paths(workdir)
+        dataset = cfg.data.dataset
+        rows = read_list(paths.list_file(dataset, split))
+        self.num_classes = _num_classes(paths.lists_dir(dataset), rows)
+        self.skipped: list[tuple[str, str]] = []
+        self.items: list[tuple[str, int, Path | None]] = []
+        expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
+        for rel, label in rows:
+            cache = None
+            if self.spec.needs_flow:
+                cache = flow_cache_path(workdir, dataset, rel)
+                problem = cache_problem(cache, expected, deep=False)
+                if problem is not None:
+                    self.skipped.append((rel, f"flow cache {cache}: {problem}"))
+                    continue
+            self.items.append((rel, label, cache))
+        if not self.items:
+            raise FileNotFoundError(
+                f"no video of {paths.list_file(dataset, split)} has a valid flow cache for target.kind="
+                f"{cfg.target.kind} under {paths.flow_dir(dataset)} (backend {cfg.flow.backend}); "
+                f"run `mme extract --dataset {dataset}` first")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int, rng: np.random.Generator) -> ClipSample:
+        """The decoded, augmented clip of item `index` (for `__getitem__` and inspection)."""
+        rel, _, cache_path = self.items[index]
+        video = resolve_video(self.workdir, rel)
+        if cache_path is not None:
+            cache = load_flow(cache_path)
+            return load_clip(self.cfg, self.spec, video, cache.num_pairs + 1, cache.window, rng)
+        return load_clip(self.cfg, self.spec, video, video_info(video).num_frames, None, rng)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = item_rng(self.cfg.seed, self.epoch, index)
+        return pretrain_item(self.cfg, self.spec, self.load(index, rng), rng)
+
+
+def _dense_train(cfg, num_video_frames: int, rng: np.random.Generator) -> np.ndarray:
+    span = clip_span(cfg.data.num_frames, cfg.data.stride)
+    start = train_clip_start(num_video_frames, span, rng)
+    return clip_indices(start, cfg.data.num_frames, cfg.data.stride, num_video_frames)
+
+
+def _segment_train(cfg, num_video_frames: int, rng: np.random.Generator) -> np.ndarray:
+    return segment_indices(num_video_frames, cfg.data.num_frames, rng)
+
+
+def _dense_test(cfg, num_video_frames: int, index: int) -> list[np.ndarray]:  # noqa: ARG001  (same signature)
+    span = clip_span(cfg.data.num_frames, cfg.data.stride)
+    starts = test_clip_starts(num_video_frames, span, cfg.evaluate.num_clips)
+    return [clip_indices(s, cfg.data.num_frames, cfg.data.stride, num_video_frames) for s in starts]
+
+
+def _segment_test(cfg, num_video_frames: int, index: int) -> list[np.ndarray]:
+    """The segment middles for the first clip; further clips draw a fixed random frame per segment."""
+    clips = [segment_indices(num_video_frames, cfg.data.num_frames)]
+    for c in range(1, cfg.evaluate.num_clips):
+        clips.append(segment_indices(num_video_frames, cfg.data.num_frames, item_rng(cfg.seed, 0, index, c)))
+    return clips
+
+
+TRAIN_SAMPLING = {"dense": _dense_train, "segment": _segment_train}
+TEST_SAMPLING = {"dense": _dense_test, "segment": _segment_test}
+
+
+class VideoClsDataset(Dataset):
+    """Labelled clips: `mode="train"` one random clip/crop; `mode="test"` num_clips x num_crops views (V,3,T,H,W)."""
+
+    def __init__(self, cfg, workdir: str | Path, split: str, mode: str = "train"):
+        if mode not in ("train", "test"):
+            raise ValueError(f"VideoClsDataset mode must be 'train' or 'test', got {mode!r}")
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.mode = mode
+        self.epoch = 0
+        paths = Paths(workdir)
+        self.items = read_list(paths.list_file(cfg.data.dataset, split))
+        if not self.items:
+            raise FileNotFoundError(f"video list {paths.list_file(cfg.data.dataset, split)} is empty; "
+                                    f"run `mme download --dataset {cfg.data.dataset}`")
+        self.num_classes = _num_classes(paths.lists_dir(cfg.data.dataset), self.items)
+        self.skipped: list[tuple[str, str]] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        rel, label = self.items[index]
+        video = resolve_video(self.workdir, rel)
+        num_video_frames = video_info(video).num_frames
+        cfg = self.cfg
+        if self.mode == "train":
+            rng = item_rng(cfg.seed, self.epoch, index)
+            indices = TRAIN_SAMPLING[cfg.data.sampling](cfg, num_video_frames, rng)
+            frames = read_frames(video, indices, short_side=cfg.data.short_side)
+            crop = sample_crop(*frames.shape[1:3], cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg),
+                               rng=rng)
+            clip = normalize(crop_frames(frames, crop))
+        else:
+            views = []
+            for indices in TEST_SAMPLING[cfg.data.sampling](cfg, num_video_frames, index):
+                frames = read_frames(video, indices, short_side=cfg.data.short_side)
+                for crop in spatial_crops(*frames.shape[1:3], cfg.data.input_size, cfg.evaluate.num_crops):
+                    views.append(normalize(crop_frames(frames, crop)))
+            clip = torch.stack(views)
+        return {"video": clip, "label": int(label), "index": int(index)}

@@ -1,0 +1,275 @@
+"""Local motion and appearance descriptors, batched in torch: HOG, HOF, MBH, pooled flow.
+
+Generic image/flow operations with no knowledge of tokens or targets.
+
+HOG (exact definition, shared by every histogram here):
+- gradients: centred differences with the kernel [-1, 0, 1] along x and y, `gx[y, x] = I[y, x+1] - I[y, x-1]`;
+  both components are 0 on the outermost rows/columns (scikit-image's convention);
+- magnitude `m = sqrt(gx^2 + gy^2)`; unsigned orientation `theta = atan2(gy, gx) mod pi` in [0, pi) (y points down);
+- `HOG_BINS` = 9 bins of width pi/9 whose centres are `(b + 0.5) * pi/9` (10, 30, ..., 170 degrees);
+- soft binning (default): linear interpolation between the two nearest bin centres, circular
+  (a pixel at 5 degrees gives 3/4 of m to bin 0 (10 deg) and 1/4 to bin 8 (170 deg));
+  `soft=False` gives scikit-image's hard binning instead (bin b holds [b*20, (b+1)*20) degrees);
+- a cell (`HOG_CELL` = 8 px square) holds the mean vote per pixel (sum of votes / 64);
+- L2 normalisation per cell: `h / sqrt(sum(h^2) + eps^2)`, eps = `HOG_EPS` = 1e-5 (scikit-image's
+  `block_norm='L2'` with 1x1-cell blocks). With `soft=False` `hog_cells` equals
+  `skimage.feature.hog(img, 9, (8, 8), (1, 1), 'L2', feature_vector=False)` up to float32 rounding.
+
+`hog_at_points`: the HOG of the 8x8 window centred on a sub-pixel point, i.e. the per-pixel votes integrated
+over the square [x-4, x+4] x [y-4, y+4] with area weights (pixels cut by the window's edge count with the
+fraction inside it; pixels outside the image count 0). A point at a cell centre (3.5 + 8i, 3.5 + 8j) gives
+exactly `hog_cells`' cell (i, j).
+
+HOF: signed flow direction `atan2(dy, dx) mod 2pi`, `HOF_BINS` = 9 bins of 40 degrees (centres at 20, 60, ...),
+soft-binned and magnitude-weighted, plus one zero bin (the 10th) that counts, with weight 1 per pixel, the
+pixels moving less than `HOF_MIN_FLOW` px (dense trajectories' zero bin); mean per cell, L2 per cell.
+MBH: the HOG above of the flow's x image and of its y image (2 x 9 bins per cell).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mme.config import HOG_BINS, HOG_CELL
+
+HOG_EPS = 1e-5  # L2 normalisation eps (as scikit-image's L2 block norm)
+HOF_BINS = 9  # signed flow-direction bins (plus the zero bin)
+HOF_MIN_FLOW = 0.4  # px per frame below which a pixel votes for HOF's zero bin
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB2GRAY (used by the flow extractor)
+CHUNK_PIXELS = 150_000  # pixels processed together (12 frames of 112 x 112): the per-pixel arrays stay in cache
+
+
+
+def to_gray(frames: torch.Tensor) -> torch.Tensor:
+    """(..., 3) RGB -> (...) luma, same scale as the input."""
+    frames = frames.float()
+    red, green, blue = LUMA_WEIGHTS
+    return torch.mul(frames[..., 0], red).add_(frames[..., 1], alpha=green).add_(frames[..., 2], alpha=blue)
+
+
+def image_gradients(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W) -> gx, gy with the centred [-1, 0, 1] kernel; 0 on the border rows/columns."""
+    image = image.float()
+    gx = torch.empty_like(image)
+    gy = torch.empty_like(image)
+    torch.sub(image[:, :, 2:], image[:, :, :-2], out=gx[:, :, 1:-1])
+    torch.sub(image[:, 2:, :], image[:, :-2, :], out=gy[:, 1:-1, :])
+    gx[:, :, 0] = gx[:, :, -1] = 0
+    gy[:, 0, :] = gy[:, -1, :] = 0
+    return gx, gy
+
+
+def bin_position(gx: torch.Tensor, gy: torch.Tensor, bins: int = HOG_BINS, signed: bool = False,
+                 soft: bool = True) -> torch.Tensor:
+    """Orientation of (gx, gy) as a bin coordinate in [0, bins).
+
+    soft: a continuous coordinate whose integer part is the lower of the two nearest bin centres and whose
+    fraction is the share of the next one (0 = the centre of bin 0; circular). hard: the integer bin b that
+    holds the angle, [b, b+1) bin widths from 0 (scikit-image's binning).
+    """
+    turns = 1 if signed else 2  # atan2 covers (-pi, pi]: one period signed, two unsigned
+    shift = 0.5 if soft else 0.0  # bin centres sit half a bin above the bin edges
+    position = torch.atan2(gy, gx).mul_(turns * bins / (2 * math.pi)).add_(turns * bins - shift)
+    periods = torch.floor(position * (1 / bins)).mul_(bins)  # wrap into [0, bins) (faster than remainder)
+    position = position.sub_(periods).clamp_(0, _below(bins))
+    return position if soft else position.floor_()
+
+
+def magnitude(gx: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """sqrt(gx^2 + gy^2) (no overflow guard needed for image and flow values; faster than hypot)."""
+    return torch.addcmul(gx * gx, gy, gy).sqrt_()
+
+
+def _below(bins: int) -> float:
+    """The largest float32 below `bins` (a bin coordinate must stay under it after rounding)."""
+    return float(np.nextafter(np.float32(bins), np.float32(0)))
+
+
+def split_votes(position: torch.Tensor, vote: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft binning: (lower bin as float, vote for it, vote for the next bin) from bin coordinates and votes."""
+    lower = position.floor()
+    upper_vote = vote * (position - lower)
+    return lower, vote - upper_vote, upper_vote
+
+
+def binned_histograms(lower: torch.Tensor, lower_vote: torch.Tensor, upper_vote: torch.Tensor,
+                      bins: int) -> torch.Tensor:
+    """Rows of split votes (R, n) -> (R, bins) histograms; the next bin of bins-1 is 0 (circular)."""
+    index = lower.long()
+    hist = torch.zeros(len(index), bins + 1)  # column `bins` collects the wrap-around, folded into 0
+    hist.scatter_add_(1, index, lower_vote)
+    hist[:, 1:].scatter_add_(1, index, upper_vote)
+    hist[:, 0] += hist[:, bins]
+    return hist[:, :bins]
+
+
+def l2_normalize(hist: torch.Tensor, eps: float = HOG_EPS) -> torch.Tensor:
+    """Normalise the last dimension: h / sqrt(sum(h^2) + eps^2)."""
+    return hist / torch.sqrt(hist.pow(2).sum(-1, keepdim=True) + eps * eps)
+
+
+def cell_rows(values: torch.Tensor, cell: int) -> torch.Tensor:
+    """(B, H, W) -> (B * H//cell * W//cell, cell*cell): the pixels of each cell as one row.
+
+    Pixels of an incomplete last row/column of cells are dropped (as scikit-image does).
+    """
+    batch, height, width = values.shape
+    rows, cols = height // cell, width // cell
+    values = values[:, :rows * cell, :cols * cell].reshape(batch, rows, cell, cols, cell)
+    return values.permute(0, 1, 3, 2, 4).reshape(batch * rows * cols, cell * cell)
+
+
+def cell_histograms(position: torch.Tensor, vote: torch.Tensor, bins: int, cell: int = HOG_CELL) -> torch.Tensor:
+    """Per-pixel bin coordinates and votes (B, H, W) -> (B, H//cell, W//cell, bins), mean vote per pixel."""
+    batch, height, width = position.shape
+    votes = split_votes(cell_rows(position, cell), cell_rows(vote, cell))
+    hist = binned_histograms(*votes, bins)
+    return hist.view(batch, height // cell, width // cell, bins) / (cell * cell)
+
+
+def hog_cells(gray: torch.Tensor, cell: int = HOG_CELL, bins: int = HOG_BINS, soft: bool = True,
+              normalize: bool = True) -> torch.Tensor:
+    """HOG per cell of a batch of gray images: (B, H, W) -> (B, H//cell, W//cell, bins)."""
+    return in_chunks(functools.partial(_hog_cells, cell=cell, bins=bins, soft=soft, normalize=normalize), gray)
+
+
+def _hog_cells(gray: torch.Tensor, cell: int, bins: int, soft: bool, normalize: bool) -> torch.Tensor:
+    gx, gy = image_gradients(gray)
+    hist = cell_histograms(bin_position(gx, gy, bins, soft=soft), magnitude(gx, gy), bins, cell)
+    return l2_normalize(hist) if normalize else hist
+
+
+def in_chunks(function, batch: torch.Tensor) -> torch.Tensor:
+    """`function(batch)` computed on chunks of about CHUNK_PIXELS pixels along dim 0 (cache-sized), concatenated."""
+    per_chunk = max(1, CHUNK_PIXELS // (batch.shape[1] * batch.shape[2]))
+    if len(batch) <= per_chunk:
+        return function(batch)
+    return torch.cat([function(part) for part in batch.split(per_chunk)])
+
+
+def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor, cell: int = HOG_CELL,
+                  bins: int = HOG_BINS) -> torch.Tensor:
+    """HOG of the cell x cell window centred on each sub-pixel point (see the module docstring).
+
+    Args:
+        gray: (F, H, W) images; frame: long (P,) index into gray; points: (P, 2) (x, y) inside the image.
+    Returns:
+        (P, bins), L2-normalised per point.
+
+    Works through the frames that are asked for in chunks of about `CHUNK_PIXELS` pixels, so that the
+    per-pixel tables a chunk gathers from stay in cache (measured 1.7x faster than one pass over all frames).
+    """
+    frame = torch.as_tensor(frame, dtype=torch.long).reshape(-1)
+    order = torch.argsort(frame, stable=True)
+    frame, points = frame[order], points[order].float()
+    used = torch.unique_consecutive(frame)
+    per_chunk = max(1, CHUNK_PIXELS // (gray.shape[1] * gray.shape[2]))  # frames per chunk, as `in_chunks`
+    hist = torch.empty(len(points), bins)
+    for chunk in used.split(per_chunk):
+        first, stop = torch.searchsorted(frame, torch.stack([chunk[0], chunk[-1] + 1])).tolist()
+        local = torch.searchsorted(chunk, frame[first:stop])
+        hist[first:stop] = _window_hog(gray[chunk], local, points[first:stop], cell, bins)
+    out = torch.empty_like(hist)
+    out[order] = hist
+    return out
+
+
+def _window_hog(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor, cell: int, bins: int) -> torch.Tensor:
+    """`hog_at_points` on one chunk of frames (every frame of `gray` is used)."""
+    num_frames, height, width = gray.shape
+    # Per pixel (lower bin, its vote, the next bin's vote), inside a zero-vote margin so that every window of a
+    # point inside the image reads in-range memory; one gather per window row (cell+1 consecutive pixels).
+    margin = cell // 2 + 1
+    table = _zero_margin_table((num_frames, height + 2 * margin, width + 2 * margin, 3), margin)
+    inner = table[:, margin:margin + height, margin:margin + width]
+    gx, gy = image_gradients(gray)
+    position = bin_position(gx, gy, bins)
+    length = magnitude(gx, gy)
+    lower = torch.floor(position, out=inner[..., 0])
+    torch.mul(length, position.sub_(lower), out=inner[..., 2])
+    torch.sub(length, inner[..., 2], out=inner[..., 1])
+    padded_h, padded_w = table.shape[1:3]
+    span = cell + 1
+    window_rows = table.view(-1).unfold(0, span * 3, 3)  # row i = pixels i .. i+span-1, 3 values each
+
+    # Window [c - cell/2, c + cell/2] covers pixel centres first .. first+cell, the two edge rows and columns
+    # only partly (area weights 1 - frac and frac).
+    corner = points.float() - (cell - 1) / 2
+    first = corner.floor()
+    frac = corner - first  # (P, 2) as (x, y)
+    first = first.long() + margin
+    start = (frame * padded_h + first[:, 1]) * padded_w + first[:, 0]
+    row_index = start[:, None] + torch.arange(span) * padded_w  # (P, span): first pixel of each window row
+    window = window_rows.index_select(0, row_index.reshape(-1)).view(len(points), span * span, 3)
+    # Area weights per (row class, column class) of the window: first / inner / last row (1-fy, 1, fy), likewise
+    # for columns. Votes are histogrammed per class pair and weighted afterwards, on (P, 3, 3, bins) only.
+    index = (window[..., 0] + _class_offsets(span, bins)).long()
+    per_class = torch.zeros(len(points), 9 * (bins + 1))  # 3x3 class pairs, bins + a wrap-around column each
+    per_class.scatter_add_(1, index, window[..., 1])
+    per_class[:, 1:].scatter_add_(1, index, window[..., 2])
+    edge = torch.stack([1 - frac, torch.ones_like(frac), frac], dim=2)  # (P, axis (x, y), class)
+    weight = edge[:, 1, :, None] * edge[:, 0, None, :]  # (P, row class, column class)
+    hist = (per_class.view(len(points), 9, bins + 1) * weight.view(len(points), 9, 1)).sum(1)
+    hist[:, 0] += hist[:, bins]
+    return l2_normalize(hist[:, :bins] / (cell * cell))
+
+
+_SCRATCH = threading.local()
+
+
+def _zero_margin_table(shape: tuple[int, ...], margin: int) -> torch.Tensor:
+    """A per-thread reusable table whose margin is zero; callers overwrite only its inner part.
+
+    shape = (frames, padded height, padded width, channels); a cached table with at least that many frames is
+    reused through its leading frames.
+    """
+    cached = getattr(_SCRATCH, "table", None)
+    if (cached is None or getattr(_SCRATCH, "margin", None) != margin or cached.shape[1:] != shape[1:]
+            or len(cached) < shape[0]):
+        _SCRATCH.margin, _SCRATCH.table = margin, torch.zeros(shape)
+    return _SCRATCH.table[:shape[0]]
+
+
+@functools.lru_cache(maxsize=8)
+def _class_offsets(span: int, bins: int) -> torch.Tensor:
+    """(span*span,) float offsets of each window pixel's (row class, column class) histogram block."""
+    classes = torch.ones(span, dtype=torch.long)
+    classes[0], classes[-1] = 0, 2
+    pair = classes[:, None] * 3 + classes[None, :]
+    return (pair * (bins + 1)).reshape(-1).float()
+
+
+def hof_cells(flow: torch.Tensor, cell: int = HOG_CELL, bins: int = HOF_BINS,
+              min_flow: float = HOF_MIN_FLOW) -> torch.Tensor:
+    """Histogram of flow orientation: (B, H, W, 2) -> (B, H//cell, W//cell, bins + 1); the last bin is zero motion."""
+    return in_chunks(functools.partial(_hof_cells, cell=cell, bins=bins, min_flow=min_flow), flow)
+
+
+def _hof_cells(flow: torch.Tensor, cell: int, bins: int, min_flow: float) -> torch.Tensor:
+    dx, dy = flow.float().permute(3, 0, 1, 2).contiguous()  # contiguous planes: atan2 is vectorised only there
+    speed = magnitude(dx, dy)
+    still = speed < min_flow
+    moving = cell_histograms(bin_position(dx, dy, bins, signed=True), speed.masked_fill(still, 0), bins, cell)
+    batch, height, width = still.shape
+    zero = cell_rows(still.float(), cell).mean(1).view(batch, height // cell, width // cell, 1)
+    return l2_normalize(torch.cat([moving, zero], dim=-1))
+
+
+def mbh_cells(flow: torch.Tensor, cell: int = HOG_CELL, bins: int = HOG_BINS) -> torch.Tensor:
+    """Motion boundary histograms: HOG of flow-x and of flow-y, (B, H, W, 2) -> (B, H//cell, W//cell, 2*bins)."""
+    batch = len(flow)
+    components = flow.float().permute(3, 0, 1, 2).reshape(2 * batch, *flow.shape[1:3])
+    hog = hog_cells(components, cell, bins)
+    return torch.cat([hog[:batch], hog[batch:]], dim=-1)
+
+
+def pool_flow(flow: torch.Tensor, cell: int) -> torch.Tensor:
+    """Mean flow per cell x cell square: (B, H, W, 2) -> (B, H//cell, W//cell, 2)."""
+    pooled = F.avg_pool2d(flow.float().permute(0, 3, 1, 2), cell)
+    return pooled.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,134 @@
+"""`mme inspect-targets VIDEO --out FILE.npz`: one clip of one video through the whole target path.
+
+The clip goes through exactly the pre-training item path (`mme.data.datasets.load_clip` + `pretrain_item`,
+epoch 0, index 0 of `seed`): start, crop/flip, flow window (from the flow cache when a valid one exists,
+else computed here with `flow.backend` on the clip's frames), targets of `target.kind`, mask. The
+trajectories of the MME tracker are always computed too, for the arrays and the figure.
+
+Writes FILE.npz with (DESIGN.md section 9) `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
+(T/2, H/16, W/16, K, L+1, 2) tracked (x, y) in clip pixels; `valid` bool (T/2, H/16, W/16, K); `targets`
+float32 (tokens, D); plus `mask` bool (tokens,) and `target_valid` bool (tokens, D). And a figure like the
+paper's Fig. 4 (input frames, masked patches, trajectories) at reports/figures/trajectories.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mme.data.datasets import item_rng, load_clip, pretrain_item
+from mme.data.lists import resolve_video
+from mme.data.video import read_frames, video_info
+from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.motion.flow import compute_flow
+from mme.paths import Paths
+from mme.targets import TargetGeometry, TargetSpec, get_target, track_tokens
+from mme.utils import atomic_path
+
+FIGURE_NAME = "trajectories.png"
+MASK_SHADE = 0.35  # brightness kept on masked patches in the figure
+
+
+class _Needs(TargetSpec):
+    """The frames and flow that several kinds read together (the configured kind + the trajectories)."""
+
+    needs_flow = True
+
+    def __init__(self, *specs: TargetSpec):
+        self.specs = specs
+        self.name = "+".join(s.name for s in specs)
+
+    def frame_offsets(self, geo: TargetGeometry) -> set[int]:
+        return set().union(*(s.frame_offsets(geo) for s in self.specs))
+
+    def flow_pairs(self, geo: TargetGeometry) -> int:
+        return max(s.flow_pairs(geo) for s in self.specs)
+
+
+def _flow_source(cfg, workdir: Path, video: Path, rel: str):
+    """(reader of flow pairs [a, b), where it comes from): the cache when valid, else computed now."""
+    cache = flow_cache_path(workdir, cfg.data.dataset, rel)
+    expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
+    if cache_problem(cache, expected, deep=False) is None:
+        return load_flow(cache).window, f"cache {cache}"
+
+    def compute(first: int, stop: int) -> np.ndarray:
+        frames = read_frames(video, range(first, stop + 1), short_side=cfg.data.short_side)
+        return compute_flow(frames, cfg.flow.backend, cfg.flow.compensate_camera)
+
+    return compute, f"computed ({cfg.flow.backend})"
+
+
+def run(cfg, workdir: str | Path, video: str | Path, out: str | Path, **_) -> dict:
+    """Inspect one clip of `video`; returns a summary (paths, shapes, valid fraction, flow source)."""
+    paths = Paths(workdir)
+    video_path = Path(video) if Path(video).is_file() else resolve_video(paths.workdir, video)
+    if not video_path.is_file():
+        raise FileNotFoundError(f"video {video} does not exist (give a file path or a path under the workdir)")
+    try:
+        rel = str(video_path.resolve().relative_to(paths.workdir))
+    except ValueError:
+        rel = str(video_path.resolve())
+    spec = get_target(cfg)
+    geo = TargetGeometry.from_cfg(cfg)
+    flow_window, flow_from = _flow_source(cfg, paths.workdir, video_path, rel)
+    rng = item_rng(cfg.seed, 0, 0)
+    sample = load_clip(cfg, _Needs(spec, get_target("traj")), video_path, video_info(video_path).num_frames,
+                       flow_window, rng)
+    item = pretrain_item(cfg, spec, sample, rng)
+    trajectories = track_tokens(sample.inputs, geo, with_shape=False)
+    arrays = {
+        "frames": sample.clip.round().clamp(0, 255).to(torch.uint8).numpy(),
+        "tracks": trajectories.tracks.numpy().astype(np.float32),
+        "valid": trajectories.valid.numpy(),
+        "targets": item["target"].numpy(),
+        "mask": item["mask"].numpy(),
+        "target_valid": item["target_valid"].numpy(),
+    }
+    out = Path(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    figure = paths.figures_dir / FIGURE_NAME
+    plot_trajectories(arrays, geo, figure)
+    return {"out": str(out), "figure": str(figure), "video": str(video_path), "flow": flow_from,
+            "kind": spec.name, "targets": list(arrays["targets"].shape),
+            "valid_trajectories": round(float(arrays["valid"].mean()), 4), "start_frame": sample.start}
+
+
+def plot_trajectories(arrays: dict[str, np.ndarray], geo: TargetGeometry, path: Path) -> None:
+    """Fig. 4 style: per token-time slot, its first input frame, the masked patches, the trajectories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames, tracks, valid, mask = arrays["frames"], arrays["tracks"], arrays["valid"], arrays["mask"]
+    slots, grid_h, grid_w = tracks.shape[:3]
+    mask = mask.reshape(slots, grid_h, grid_w)
+    fig, axes = plt.subplots(3, slots, figsize=(1.9 * slots, 6.0), squeeze=False)
+    for j in range(slots):
+        frame = frames[j * geo.tubelet]
+        shaded = frame.astype(np.float32)
+        patch_mask = np.kron(mask[j], np.ones((geo.patch, geo.patch)))[..., None].astype(bool)
+        shaded = np.where(patch_mask, shaded * MASK_SHADE, shaded).astype(np.uint8)
+        axes[0, j].imshow(frame)
+        axes[0, j].set_title(f"slot {j} (frame {j * geo.tubelet})", fontsize=7)
+        axes[1, j].imshow(shaded)
+        axes[2, j].imshow(frame)
+        lines = tracks[j].reshape(-1, tracks.shape[-2], 2)
+        ok = valid[j].reshape(-1)
+        for line, good in zip(lines, ok):
+            style = {"color": "yellow", "lw": 0.6} if good else {"color": "red", "lw": 0.4, "ls": ":"}
+            axes[2, j].plot(line[:, 0], line[:, 1], **style)
+            axes[2, j].plot(line[-1, 0], line[-1, 1], ".", ms=1.5, color=style["color"])
+        for row in range(3):
+            axes[row, j].set_axis_off()
+    axes[1, 0].set_title("masked patches", fontsize=7, loc="left")
+    axes[2, 0].set_title(f"trajectories (L={geo.length}, K={geo.points})", fontsize=7, loc="left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,246 @@
+"""The target registry's machinery: clip geometry, the inputs every target reads, part assembly, patch norm.
+
+A target kind is one `TargetSpec` subclass registered with `@register`. It declares its ordered parts and
+their widths (`parts(cfg)`; the model builds one head, or one decoder, per part), whether it reads flow,
+which dense frames and how many flow pairs past the clip start it needs, and computes its parts from a
+`TargetInputs`. `TargetSpec.build` checks the widths, applies the patch norm and concatenates.
+
+Time: offsets are counted in original frames from the clip's first frame `i0`. Input frame k sits at
+offset `k*s`; token-time slot j covers input frames `j*tubelet .. j*tubelet + tubelet-1` and starts at
+`f_j = j*tubelet*s`. Flow pair i of `TargetInputs.flow` maps offset i to offset i+1.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from mme.motion.descriptors import to_gray
+
+PATCH_NORM_EPS = 1e-6  # DESIGN.md section 4
+
+
+@dataclass(frozen=True)
+class TargetGeometry:
+    """The config values the targets read, gathered once (derived values are properties)."""
+
+    num_frames: int
+    stride: int
+    tubelet: int
+    patch: int
+    input_size: int
+    points: int
+    length: int
+    interpolate: bool
+    density: str
+    patch_norm: bool
+    median: bool
+
+    @classmethod
+    def from_cfg(cls, cfg) -> TargetGeometry:
+        return cls(num_frames=cfg.data.num_frames, stride=cfg.data.stride, tubelet=cfg.model.tubelet_size,
+                   patch=cfg.model.patch_size, input_size=cfg.data.input_size,
+                   points=cfg.target.points_per_patch, length=cfg.target.length,
+                   interpolate=cfg.target.interpolate, density=cfg.target.density,
+                   patch_norm=cfg.target.patch_norm, median=cfg.target.median_filter)
+
+    @property
+    def slots(self) -> int:
+        return self.num_frames // self.tubelet
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        side = self.input_size // self.patch
+        return self.slots, side, side
+
+    @property
+    def num_tokens(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @property
+    def track_step(self) -> int:
+        """Original frames per trajectory step: 1 with interpolation (dense video), s without."""
+        return 1 if self.interpolate else self.stride
+
+    @property
+    def input_offsets(self) -> list[int]:
+        return [k * self.stride for k in range(self.num_frames)]
+
+    @property
+    def slot_offsets(self) -> list[int]:
+        return [j * self.tubelet * self.stride for j in range(self.slots)]
+
+    def tube_frames(self, dense: bool) -> torch.Tensor:
+        """long (slots, F_t) offsets a frame-wise descriptor reads per slot.
+
+        dense: every original frame of the slot's span `f_j .. f_j + tubelet*s - 1` (F_t = tubelet*s);
+        else the tube's middle input frame `2j + tubelet//2`, i.e. offset `f_j + (tubelet//2)*s` (F_t = 1).
+        """
+        starts = torch.tensor(self.slot_offsets).unsqueeze(1)
+        if dense:
+            return starts + torch.arange(self.tubelet * self.stride)
+        return starts + (self.tubelet // 2) * self.stride
+
+    def frames_per_tube(self, dense: bool) -> int:
+        return self.tubelet * self.stride if dense else 1
+
+
+@dataclass
+class TargetInputs:
+    """What a target is built from, all in the pixel units of the augmented clip.
+
+    Attributes:
+        frames: float32 (F, H, W, 3), 0..255, the decoded and augmented frames at `offsets`.
+        offsets: long (F,), sorted distinct offsets from the clip start (the input frames among them).
+        flow: float32 (S, H, W, 2) augmented flow, pair i from offset i to i+1; None for kinds without flow.
+            S may fall short of what the kind asked for at the end of a video.
+    """
+
+    frames: torch.Tensor
+    offsets: torch.Tensor
+    flow: torch.Tensor | None = None
+
+    def rows(self, offsets) -> torch.Tensor:
+        """Positions in `frames` of the given offsets (any shape); every offset must have been decoded."""
+        offsets = torch.as_tensor(offsets, dtype=torch.long)
+        rows = torch.searchsorted(self.offsets, offsets).clamp(max=len(self.offsets) - 1)
+        if not torch.equal(self.offsets[rows], offsets):
+            missing = sorted(set(offsets.reshape(-1).tolist()) - set(self.offsets.tolist()))
+            raise ValueError(f"target needs frame offsets {missing[:8]} that were not decoded")
+        return rows
+
+    @functools.cached_property
+    def gray(self) -> torch.Tensor:
+        """(F, H, W) luma of `frames`."""
+        return to_gray(self.frames)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+
+@dataclass
+class PartValue:
+    """One computed part: values (N, width) and validity (N, width) bool, None when every value is valid.
+
+    `standardize`: the patch norm applies to it (when `target.patch_norm`); `channels`: that many interleaved
+    groups (the last axis of a (..., channels) layout, e.g. RGB) are normalised apart.
+    """
+
+    name: str
+    values: torch.Tensor
+    valid: torch.Tensor | None = None
+    standardize: bool = True
+    channels: int = 1
+
+
+def standardize(values: torch.Tensor, valid: torch.Tensor | None = None, channels: int = 1,
+                eps: float = PATCH_NORM_EPS) -> torch.Tensor:
+    """Patch norm: per token (row) and channel group, (x - mean) / sqrt(var + eps) over the valid values.
+
+    Statistics use only valid entries (population variance); invalid entries come out 0. valid=None: all.
+    """
+    tokens, width = values.shape
+    x = values.reshape(tokens, width // channels, channels)
+    if valid is None:  # sums over the middle axis, not var_mean: much faster on a strided reduction
+        count = x.shape[1]
+        centred = x - x.sum(1, keepdim=True) / count
+    else:
+        weight = valid.reshape(tokens, width // channels, channels).to(x.dtype)
+        count = weight.sum(1, keepdim=True).clamp(min=1)
+        centred = (x - (x * weight).sum(1, keepdim=True) / count) * weight
+    var = centred.pow(2).sum(1, keepdim=True) / count
+    return (centred * torch.rsqrt(var + eps)).reshape(tokens, width)
+
+
+def cells_to_tokens(cells: torch.Tensor, per_patch: int) -> torch.Tensor:
+    """(J, F_t, Hc, Wc, C) per-frame cells -> (J*Hp*Wp, F_t*per_patch*per_patch*C) per token, t-major tokens.
+
+    A token's row is ordered (frame, cell row, cell column, channel); per_patch cells make one patch side.
+    """
+    slots, frames, rows, cols, channels = cells.shape
+    hp, wp = rows // per_patch, cols // per_patch
+    x = cells.reshape(slots, frames, hp, per_patch, wp, per_patch, channels)
+    x = x.permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(slots * hp * wp, frames * per_patch * per_patch * channels)
+
+
+class TargetSpec:
+    """One target kind. Subclasses set `name`, `needs_flow` and implement `parts` and `compute`."""
+
+    name: str = ""
+    needs_flow: bool = False
+
+    def parts(self, cfg) -> dict[str, int]:
+        """Ordered part name -> width per token."""
+        raise NotImplementedError
+
+    def frame_offsets(self, geo: TargetGeometry) -> set[int]:  # noqa: ARG002  (kinds override)
+        """Offsets of the frames the kind reads besides the input frames."""
+        return set()
+
+    def flow_pairs(self, geo: TargetGeometry) -> int:  # noqa: ARG002  (kinds override)
+        """Flow pairs from the clip start the kind reads (0: none)."""
+        return 0
+
+    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+        raise NotImplementedError
+
+    def window(self, geo: TargetGeometry) -> int:
+        """Original frames from the clip start that the clip and its targets read."""
+        frames = set(geo.input_offsets) | self.frame_offsets(geo)
+        pairs = self.flow_pairs(geo)
+        return max(max(frames) + 1, pairs + 1 if pairs else 0)
+
+    def build(self, inputs: TargetInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token target float32 (N, D) and target_valid bool (N, D); invalid entries are 0."""
+        geo = TargetGeometry.from_cfg(cfg)
+        if self.needs_flow and inputs.flow is None:
+            raise ValueError(f"target kind {self.name!r} needs flow; run `mme extract` first")
+        declared = self.parts(cfg)
+        computed = self.compute(inputs, geo)
+        widths = {p.name: p.values.shape[1] for p in computed}
+        if widths != declared:
+            raise RuntimeError(f"target {self.name!r} built parts {widths}, declared {declared}")
+        tokens = computed[0].values.shape[0]
+        target = torch.empty(tokens, sum(widths.values()))
+        target_valid = torch.ones(tokens, target.shape[1], dtype=torch.bool)
+        column = 0
+        for part in computed:
+            columns = slice(column, column + part.values.shape[1])
+            x = part.values.float()
+            if part.valid is not None:
+                x = x * part.valid
+                target_valid[:, columns] = part.valid
+            if geo.patch_norm and part.standardize:
+                x = standardize(x, part.valid, part.channels)
+            target[:, columns] = x
+            column = columns.stop
+        return target, target_valid
+
+
+TARGETS: dict[str, TargetSpec] = {}
+
+
+def register(cls: type[TargetSpec]) -> type[TargetSpec]:
+    """Class decorator: add one instance of the kind to `TARGETS` under its `name`."""
+    if cls.name in TARGETS:
+        raise ValueError(f"target kind {cls.name!r} registered twice")
+    TARGETS[cls.name] = cls()
+    return cls
+
+
+def get_target(cfg_or_kind) -> TargetSpec:
+    """The registered spec for `cfg.target.kind` (or a kind name)."""
+    kind = cfg_or_kind if isinstance(cfg_or_kind, str) else cfg_or_kind.target.kind
+    if kind not in TARGETS:
+        raise ValueError(f"unknown target kind {kind!r} (target.kind); choose one of {', '.join(TARGETS)}")
+    return TARGETS[kind]
+
+
+def target_parts(cfg) -> dict[str, int]:
+    """Ordered part widths of the configured kind (their sum is the per-token target width)."""
+    return get_target(cfg).parts(cfg)

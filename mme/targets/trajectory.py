@@ -1,0 +1,164 @@
+"""MME's motion-trajectory target (DESIGN.md section 4) and its "HOG + Traj. w/o shape" variant.
+
+Every token (slot j, patch) seeds K points on a sqrt(K) x sqrt(K) grid of its patch at offset f_j and
+tracks them for L steps: 1 original frame per step with `target.interpolate` (the dense video between the
+sparse input frames), s frames per step without it (the sparse frames, s flows chained). Per trajectory:
+position features `dp_t = p_{t+1} - p_t` (L x 2) and shape features `HOG(p_t)` (L x 9), the HOG of the 8x8
+window centred on the tracked point on the frame it is on at step t (t = 0 .. L-1). A trajectory that leaves
+the frame, or runs past the end of the video's flow, is invalid: its columns are 0 and masked out.
+
+`target.density` reduces the K trajectories of a token: dense keeps all (K*L*(2+9) = 264 for K=4, L=6);
+max keeps the most-moving valid one (largest path length sum_t |dp_t|, first on ties); mean averages the
+features of the valid ones. Both give L*(2+9), valid when any of the K is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mme.config import HOG_BINS
+from mme.motion.descriptors import hog_at_points
+from mme.motion.tracking import patch_grid_points, track_points
+from mme.targets.appearance import FrameHogMixin
+from mme.targets.base import PartValue, TargetGeometry, TargetInputs, TargetSpec, register
+
+
+@dataclass
+class Trajectories:
+    """Tracked points of every token: tracks (J, Hp, Wp, K, L+1, 2), valid (J, Hp, Wp, K),
+    shape HOG (J, Hp, Wp, K, L, 9) or None."""
+
+    tracks: torch.Tensor
+    valid: torch.Tensor
+    shape: torch.Tensor | None = None
+
+    def per_token(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """pos (N, K, L, 2), shape (N, K, L, 9) or None, valid (N, K)."""
+        slots, hp, wp, k = self.valid.shape
+        tokens = slots * hp * wp
+        tracks = self.tracks.reshape(tokens, k, *self.tracks.shape[-2:])
+        pos = tracks[:, :, 1:] - tracks[:, :, :-1]
+        shape = None if self.shape is None else self.shape.reshape(tokens, k, *self.shape.shape[-2:])
+        return pos, shape, self.valid.reshape(tokens, k)
+
+
+def trajectory_frames(geo: TargetGeometry) -> set[int]:
+    """Offsets of the frames the shape features read: f_j + t*step, t < L."""
+    return {f + t * geo.track_step for f in geo.slot_offsets for t in range(geo.length)}
+
+
+def trajectory_pairs(geo: TargetGeometry) -> int:
+    """Flow pairs the tracker reads: up to the last slot's f_j + L*step."""
+    return geo.slot_offsets[-1] + geo.length * geo.track_step
+
+
+def track_tokens(inputs: TargetInputs, geo: TargetGeometry, with_shape: bool = True) -> Trajectories:
+    """Track the K grid points of every token of the clip for L steps (see the module docstring)."""
+    height, width = inputs.size
+    hp, wp = height // geo.patch, width // geo.patch
+    grid = patch_grid_points(hp, wp, geo.patch, geo.points)
+    per_slot = len(grid)
+    points = grid.repeat(geo.slots, 1)
+    start = torch.tensor(geo.slot_offsets).repeat_interleave(per_slot)
+    flow = inputs.flow if inputs.flow is not None else torch.zeros(0, height, width, 2)
+    tracks, valid = track_points(flow, points, start, geo.length, geo.track_step, geo.median)
+    shape = None
+    if with_shape:
+        steps = start.unsqueeze(1) + torch.arange(geo.length) * geo.track_step  # (P, L) offsets
+        hog = hog_at_points(inputs.gray, inputs.rows(steps.reshape(-1)), tracks[:, :-1].reshape(-1, 2))
+        shape = hog.view(geo.slots, hp, wp, geo.points, geo.length, HOG_BINS)
+    return Trajectories(tracks.view(geo.slots, hp, wp, geo.points, geo.length + 1, 2),
+                        valid.view(geo.slots, hp, wp, geo.points), shape)
+
+
+def _dense(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return features, valid
+
+
+def _most_moving(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Keep the valid trajectory with the largest path length (features[0] are the displacements)."""
+    length = features[0].norm(dim=-1).sum(-1).masked_fill(~valid, -1.0)
+    best = length.argmax(1)  # first of equal maxima
+    rows = torch.arange(len(best))
+    return [f[rows, best].unsqueeze(1) for f in features], valid.any(1, keepdim=True)
+
+
+def _mean(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Average the features of the valid trajectories."""
+    weight = valid.float().view(*valid.shape, 1, 1)
+    count = weight.sum(1, keepdim=True).clamp(min=1)
+    return [(f * weight).sum(1, keepdim=True) / count for f in features], valid.any(1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Density:
+    """A `target.density` entry: how the K trajectories of a token are reduced, and how many remain."""
+
+    reduce: Callable[[list[torch.Tensor], torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
+    keeps_all: bool
+
+
+DENSITY = {"dense": Density(_dense, True), "max": Density(_most_moving, False), "mean": Density(_mean, False)}
+
+
+def trajectories_kept(geo: TargetGeometry) -> int:
+    """Trajectories per token after the density reduction."""
+    return geo.points if DENSITY[geo.density].keeps_all else 1
+
+
+def trajectory_parts(trajectories: Trajectories, geo: TargetGeometry, names: tuple[str, ...]) -> list[PartValue]:
+    """The `pos` and/or `shape` parts of every token after the density reduction."""
+    pos, shape, valid = trajectories.per_token()
+    available = {"pos": pos, "shape": shape}
+    features, kept_valid = DENSITY[geo.density].reduce([available[n] for n in names], valid)
+    parts = []
+    for name, feature in zip(names, features):
+        columns = kept_valid.view(*kept_valid.shape, 1, 1).expand_as(feature)
+        parts.append(PartValue(name, feature.reshape(len(feature), -1), columns.reshape(len(feature), -1)))
+    return parts
+
+
+@register
+class TrajectoryTarget(TargetSpec):
+    """`traj` (MME): position + trajectory-aligned HOG, parts `pos` (K*L*2) then `shape` (K*L*9)."""
+
+    name = "traj"
+    needs_flow = True
+
+    def parts(self, cfg) -> dict[str, int]:
+        geo = TargetGeometry.from_cfg(cfg)
+        kept = trajectories_kept(geo)
+        return {"pos": kept * geo.length * 2, "shape": kept * geo.length * HOG_BINS}
+
+    def frame_offsets(self, geo: TargetGeometry) -> set[int]:
+        return trajectory_frames(geo)
+
+    def flow_pairs(self, geo: TargetGeometry) -> int:
+        return trajectory_pairs(geo)
+
+    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+        return trajectory_parts(track_tokens(inputs, geo, with_shape=True), geo, ("pos", "shape"))
+
+
+@register
+class HogTrajectoryPositionTarget(FrameHogMixin, TargetSpec):
+    """`hog+traj_pos` ("HOG + Traj. w/o shape"): the tube's middle-frame HOG (never interpolated; MaskFeat's
+    appearance part) and the trajectory position features (interpolation and density as for `traj`)."""
+
+    name = "hog+traj_pos"
+    needs_flow = True
+
+    def parts(self, cfg) -> dict[str, int]:
+        geo = TargetGeometry.from_cfg(cfg)
+        return {"hog": self.hog_width(geo, dense=False), "pos": trajectories_kept(geo) * geo.length * 2}
+
+    def flow_pairs(self, geo: TargetGeometry) -> int:
+        return trajectory_pairs(geo)
+
+    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+        hog = self.hog_part(inputs, geo, dense=False)
+        return [hog, *trajectory_parts(track_tokens(inputs, geo, with_shape=False), geo, ("pos",))]
+

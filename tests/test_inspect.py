@@ -1,0 +1,66 @@
+"""`mme inspect-targets`: the DESIGN.md section 9 arrays, the figure, determinism, cache vs computed flow."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from mme.config import load_config
+from mme.data.lists import read_list
+from mme.motion.tracking import patch_grid_points
+from mme.paths import Paths
+from mme.stages import inspect
+from mme.targets import target_parts
+
+
+@pytest.fixture
+def video_rel(extracted_workdir) -> str:
+    return read_list(Paths(extracted_workdir).list_file("synthetic", "train"))[0][0]
+
+
+def load(path) -> dict[str, np.ndarray]:
+    with np.load(path) as archive:
+        return dict(archive)
+
+
+def test_inspect_writes_the_documented_arrays_and_figure(tmp_path, extracted_workdir, video_rel):
+    cfg = load_config("smoke")
+    workdir = tmp_path / "work"
+    shutil.copytree(extracted_workdir / "data", workdir / "data")
+    result = inspect.run(cfg, workdir, video_rel, tmp_path / "a.npz")
+    assert result["flow"].startswith("cache")
+    arrays = load(tmp_path / "a.npz")
+    t, size, k, length = cfg.data.num_frames, cfg.data.input_size, cfg.target.points_per_patch, cfg.target.length
+    grid = size // cfg.model.patch_size
+    assert arrays["frames"].shape == (t, size, size, 3) and arrays["frames"].dtype == np.uint8
+    assert arrays["tracks"].shape == (t // 2, grid, grid, k, length + 1, 2) and arrays["tracks"].dtype == np.float32
+    assert arrays["valid"].shape == (t // 2, grid, grid, k) and arrays["valid"].dtype == bool
+    tokens = (t // 2) * grid * grid
+    assert arrays["targets"].shape == (tokens, sum(target_parts(cfg).values()))
+    assert arrays["targets"].dtype == np.float32 and arrays["mask"].shape == (tokens,)
+    start = patch_grid_points(grid, grid, cfg.model.patch_size, k).view(grid, grid, k, 2).numpy()
+    assert np.array_equal(arrays["tracks"][:, :, :, :, 0], np.broadcast_to(start, (t // 2, grid, grid, k, 2)))
+    figure = Paths(workdir).figures_dir / "trajectories.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = inspect.run(cfg, workdir, video_rel, tmp_path / "b.npz")
+    assert again["start_frame"] == result["start_frame"]
+    for key, value in load(tmp_path / "b.npz").items():
+        assert np.array_equal(value, arrays[key]), key
+
+    # Without a cache the stage computes the same flow itself (the cache only adds 1/128 px quantisation).
+    video = (extracted_workdir / video_rel).resolve()
+    computed = inspect.run(cfg, tmp_path / "bare", video, tmp_path / "c.npz")
+    assert computed["flow"].startswith("computed")
+    recomputed = load(tmp_path / "c.npz")
+    assert np.array_equal(recomputed["frames"], arrays["frames"])
+    both = recomputed["valid"] & arrays["valid"]
+    assert both.mean() > 0.5
+    assert np.abs(recomputed["tracks"] - arrays["tracks"])[both].max() < 0.05
+
+
+def test_inspect_names_a_missing_video(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.mp4"):
+        inspect.run(load_config("smoke"), tmp_path, "nothing.mp4", tmp_path / "x.npz")
