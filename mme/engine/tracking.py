@@ -93,7 +93,6 @@ def stage_run(cfg: Config, workdir: str | Path, stage: str, *, enabled: bool = T
     if not nested:
         setup_experiment(cfg, workdir, experiment)
     all_tags = run_tags(cfg, stage) | {k: str(v) for k, v in (tags or {}).items()}
-    nested = nested or mlflow.active_run() is not None  # inside an ablation trial run: nest under it
     with mlflow.start_run(run_name=run_name or stage, nested=nested, tags=all_tags) as run:
         mlflow.log_params({k: str(v) for k, v in cfg.flat().items()})
         previous = signal.getsignal(signal.SIGTERM)
@@ -129,3 +128,53 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         return
     clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     mlflow.log_metrics(clean, step=step)
+
+
+# --- training-stage helpers (models/engine owner) -------------------------------------------------
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log extra params to the active run, if any (e.g. `pretrain_run_id`)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Copy a file (e.g. the final checkpoint) into the active run's artifacts, if any."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+class EpochRecorder:
+    """Per-epoch metrics: MLflow (step = epoch) and `reports/plots/<stage>.csv`, rewritten atomically.
+
+    `rows` restarts from a checkpoint's history on resume, so the CSV never has gaps or duplicates.
+    Disabled (non-zero DDP ranks) it only keeps the rows.
+    """
+
+    def __init__(self, csv_path: str | Path, enabled: bool = True, rows: list[dict[str, float]] | None = None):
+        self.csv_path = Path(csv_path)
+        self.enabled = enabled
+        self.rows = list(rows or [])
+
+    def record(self, epoch: int, metrics: dict[str, float]) -> None:
+        row = {"epoch": epoch} | {k: float(v) for k, v in metrics.items()}
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        log_metrics(metrics, step=epoch)
+        import csv
+        import io
+
+        from mme.utils import write_text_atomic
+
+        columns = list(dict.fromkeys(key for r in self.rows for key in r))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.csv_path, text.getvalue())

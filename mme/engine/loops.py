@@ -1,0 +1,218 @@
+"""Generic training and evaluation loops (one epoch of updates; multi-view prediction).
+
+`train_one_epoch` knows nothing about the task: a stage passes `compute_loss(model, batch) -> (loss,
+parts)`. The loop owns the per-update lr schedule, mixed precision, gradient accumulation (DDP gradient
+sync only on the last micro-batch), clipping, the non-finite loss guard, throughput and a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mme.engine.distributed import DistEnv, all_gather_cat, all_reduce_sum, make_sampler
+from mme.engine.optim import current_lr
+
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The loss became NaN/inf; the run stops before the bad update, the last checkpoint stays valid.
+
+    A ValueError too, so the command line reports it as one line like other bad-input errors.
+    """
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """'bf16' | 'fp16' | 'none' -> autocast dtype; fp16 needs CUDA (bf16 is used on CPU instead)."""
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        warnings.warn("fp16 autocast needs CUDA; using bf16 on CPU", stacklevel=2)
+        return torch.bfloat16
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    dtype = amp_dtype(amp, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """A loss scaler, enabled only for fp16 on CUDA (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(amp, device) == torch.float16)
+
+
+def _worker_init(worker_id: int) -> None:  # noqa: ARG001
+    torch.set_num_threads(1)  # workers decode and build targets; one thread each avoids oversubscription
+
+
+def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,
+                drop_last: bool) -> DataLoader:
+    """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`."""
+    sampler = make_sampler(dataset, env, shuffle=shuffle, seed=seed, drop_last=drop_last and shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, worker_init_fn=_worker_init, pin_memory=env.device.type == "cuda",
+                      persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Re-seed the sampler's shuffle and the dataset's per-epoch randomness (masks, crops)."""
+    for part in (loader.sampler, loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return len(next(v for v in batch.values() if torch.is_tensor(v)))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class MeanMeter:
+    """Sample-weighted means of named scalars, summed over ranks at the end."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, values: dict[str, torch.Tensor | float], n: int) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
+        self.count += n
+
+    def summary(self) -> dict[str, float]:
+        names = sorted(self.sums)
+        totals = all_reduce_sum(torch.tensor([self.sums[k] for k in names] + [self.count], dtype=torch.float64))
+        count = max(float(totals[-1]), 1.0)
+        return {name: float(total) / count for name, total in zip(names, totals[:-1])} | {"clips": count}
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank (all ranks must stop together)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+    return float(all_reduce_sum(bad)) == 0.0
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_grad: float | None) -> None:
+    scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                    scheduler: Any, compute_loss: LossFn, *, epoch: int, updates_per_epoch: int,
+                    device: torch.device, accum_steps: int = 1, clip_grad: float | None = None,
+                    amp: str = "none", scaler: torch.amp.GradScaler | None = None,
+                    show_progress: bool = True) -> dict[str, float]:
+    """Run `updates_per_epoch` optimizer updates of `accum_steps` micro-batches each.
+
+    Returns:
+        means over the epoch's clips of `loss` and every `loss_<part>`, plus `lr`, `clips_per_s`,
+        `epoch_time`, `clips` (all ranks).
+    Raises:
+        NonFiniteLossError: a NaN/inf loss, before any update is applied with it.
+    """
+    model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    meter, start = MeanMeter(), time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    micro_batches = islice(loader, updates_per_epoch * accum_steps)
+    bar = tqdm(micro_batches, total=updates_per_epoch * accum_steps, desc=f"epoch {epoch}",
+               disable=not show_progress, mininterval=2.0, leave=False)
+    for i, batch in enumerate(bar):
+        step = epoch * updates_per_epoch + i // accum_steps
+        if i % accum_steps == 0:
+            scheduler.step_update(step)
+        batch = to_device(batch, device)
+        syncs = (i + 1) % accum_steps == 0  # DDP reduces gradients on the last micro-batch only
+        with (contextlib.nullcontext() if syncs or not hasattr(model, "no_sync") else model.no_sync()):
+            with autocast(device, amp):
+                loss, parts = compute_loss(model, batch)
+            if not _all_finite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss {loss.item()} at epoch {epoch}, update {step} "
+                    f"(parts: { {k: float(v.detach()) for k, v in parts.items()} }); stopped before applying it — "
+                    f"the last good checkpoint is kept; lower the lr or use amp=bf16/none")
+            scaler.scale(loss / accum_steps).backward()
+        if syncs:
+            _optimizer_step(model, optimizer, scaler, clip_grad)
+        meter.update({"loss": loss.detach()} | {f"loss_{k}": v.detach() for k, v in parts.items()},
+                     batch_size(batch))
+        if i % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", clips_s=f"{meter.count / (time.perf_counter() - start):.1f}")
+    elapsed = time.perf_counter() - start
+    stats = meter.summary()
+    return stats | {"lr": current_lr(optimizer), "epoch_time": elapsed, "clips_per_s": stats["clips"] / elapsed}
+
+
+def average_views(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V, C) logits of V views per video -> (B, C) class probabilities (softmax, mean over views)."""
+    return logits.float().softmax(dim=-1).mean(dim=1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "none",
+            show_progress: bool = True, reduce_views: Callable[[torch.Tensor], torch.Tensor] = average_views
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model outputs of every video of the loader, reduced over views (all ranks, each video once).
+
+    Batches hold `video` (B, 3, T, H, W) or (B, V, 3, T, H, W), `label` (B,), `index` (B,).
+    Returns:
+        outputs (n, C) (`reduce_views` of the (B, V, C) outputs: view-averaged probabilities by default),
+        labels (n,), indices (n,), sorted by dataset index.
+    """
+    model.eval()
+    outputs, labels, indices = [], [], []
+    for batch in tqdm(loader, desc="predict", disable=not show_progress, mininterval=2.0, leave=False):
+        video = batch["video"].to(device, non_blocking=True)
+        views = video.unsqueeze(1) if video.ndim == 5 else video  # (B, V, 3, T, H, W)
+        with autocast(device, amp):
+            out = model(views.flatten(0, 1))
+        outputs.append(reduce_views(out.float().reshape(*views.shape[:2], -1)).cpu())
+        labels.append(batch["label"].cpu())
+        indices.append(batch["index"].cpu())
+    return unique_by_index(*(all_gather_cat(torch.cat(x)) for x in (outputs, labels, indices)))
+
+
+def unique_by_index(outputs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort by dataset index and keep one row per index (DistributedSampler pads ranks by repeating)."""
+    order = torch.argsort(indices, stable=True)
+    keep = torch.ones(len(order), dtype=torch.bool)
+    keep[1:] = indices[order][1:] != indices[order][:-1]
+    order = order[keep]
+    return outputs[order], labels[order], indices[order]
+
+
+def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """{'top1': ..., 'top5': ...} in percent; k is capped at the number of classes."""
+    result = {}
+    for k in ks:
+        top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+        hits = (top == labels[:, None]).any(dim=1).float()
+        result[f"top{k}"] = 100.0 * float(hits.mean()) if len(hits) else math.nan
+    return result
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "none",
+             show_progress: bool = True) -> dict[str, float]:
+    """Top-1/top-5 (percent) of the view-averaged predictions."""
+    probs, labels, _ = predict(model, loader, device, amp, show_progress)
+    return topk_accuracy(probs, labels)
