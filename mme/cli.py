@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"mme {args.command}: {exc}", file=sys.stderr)
         return 1
-    if isinstance(result, dict):
+    if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # torchrun: print once
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 

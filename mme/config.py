@@ -90,16 +90,19 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
+    """`name` picks a registered size (mme/models/registry.py); a dimension left null takes that size's
+    value and an explicit one overrides it."""
+
     name: str = "tiny"
     patch_size: int = 16
     tubelet_size: int = 2
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    decoder_dim: int = 96
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    decoder_dim: int | None = None
     decoder_depth: int = 1
-    decoder_num_heads: int = 3
+    decoder_num_heads: int | None = None
     decoder_mode: str = "joint"
     drop_path: float = 0.1
 
@@ -215,8 +218,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "synthetic": {"num_videos": 24, "num_frames": 32, "size": 64, "workers": 1},
         },
         "target": {"length": 4},
-        "model": {"name": "smoke", "embed_dim": 64, "depth": 2, "num_heads": 2,
-                  "decoder_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "drop_path": 0.0},
+        "model": {"name": "smoke", "drop_path": 0.0},
         "pretrain": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0},
         "finetune": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "mixup": 0.0, "cutmix": 0.0},
         "probe": {"epochs": 5, "batch_size": 8},
@@ -226,8 +228,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "data": {"short_side": 256, "input_size": 224, "num_frames": 16, "stride": 3, "num_workers": 10},
         "flow": {"backend": "farneback"},
-        "model": {"name": "base", "embed_dim": 768, "depth": 12, "num_heads": 12,
-                  "decoder_dim": 384, "decoder_depth": 1, "decoder_num_heads": 6, "drop_path": 0.1},
+        "model": {"name": "base", "drop_path": 0.1},
         "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40, "clip_grad": 0.02},
         "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5,
                      "layer_decay": 0.75},
@@ -282,6 +283,17 @@ def _coerce(key: str, text: Any, current: Any) -> Any:
     return value
 
 
+def _coerce_field(node: Any, name: str, key: str, raw: Any, current: Any) -> Any:
+    """Coerce to the field's type; `int | None` fields (model sizes) also take null."""
+    field_type = str(next(f.type for f in dataclasses.fields(node) if f.name == name))
+    if "None" in field_type:
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        if value is None:
+            return None
+        return _coerce(key, raw, 1.0 if "float" in field_type else 1)
+    return _coerce(key, raw, current)
+
+
 def _set(cfg: Any, dotted: str, raw: Any) -> None:
     node = cfg
     parts = dotted.split(".")
@@ -298,7 +310,7 @@ def _set(cfg: Any, dotted: str, raw: Any) -> None:
                 for sub_key, sub_value in raw.items():
                     _set(cfg, f"{dotted}.{sub_key}", sub_value)
             else:
-                setattr(node, part, _coerce(dotted, raw, current))
+                setattr(node, part, _coerce_field(node, part, dotted, raw, current))
         else:
             node = getattr(node, part)
 
@@ -332,10 +344,10 @@ def validate(cfg: Config) -> None:
     side = int(round(cfg.target.points_per_patch ** 0.5))
     if side * side != cfg.target.points_per_patch:
         raise ConfigError(f"target.points_per_patch={cfg.target.points_per_patch} must be a square (1, 4, 9, 16, ...)")
-    for name in ("embed_dim", "decoder_dim"):
-        heads = cfg.model.num_heads if name == "embed_dim" else cfg.model.decoder_num_heads
-        if getattr(cfg.model, name) % heads:
-            raise ConfigError(f"model.{name}={getattr(cfg.model, name)} must be divisible by its number of heads {heads}")
+    for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_dim", "decoder_num_heads"):
+        value = getattr(cfg.model, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"model.{key}={value} must be positive (or null for the size's default)")
 
 
 def load_params(path: str | Path) -> dict[str, Any]:

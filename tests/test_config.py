@@ -9,7 +9,7 @@ def test_presets_differ_where_documented():
     smoke, mini, paper = (load_config(p) for p in ("smoke", "mini", "paper"))
     assert (smoke.data.num_frames, smoke.data.input_size) == (8, 64)
     assert (mini.data.num_frames, mini.data.input_size) == (16, 112)
-    assert (paper.data.input_size, paper.model.embed_dim, paper.model.depth) == (224, 768, 12)
+    assert (paper.data.input_size, paper.model.name) == (224, "base")
     # the paper's pre-training settings (section 4 and Table 7 defaults)
     assert paper.mask.kind == "tube" and paper.mask.ratio == pytest.approx(0.7)
     assert (paper.target.length, paper.target.points_per_patch) == (6, 4)
@@ -75,3 +75,16 @@ def test_string_fields_take_text_as_written(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  flip: off\n")  # YAML 1.1 reads this as a boolean
     assert load_config(None, params=params).data.flip == "off"
+
+
+def test_model_dimensions_default_to_the_named_size_and_explicit_values_win():
+    from mme.models.registry import model_args
+
+    assert model_args(load_config("mini"))["embed_dim"] == 192  # tiny
+    assert model_args(load_config("mini", ["model.name=small"]))["embed_dim"] == 384
+    # an explicit value equal to the old default still overrides the named size
+    args = model_args(load_config("mini", ["model.name=small", "model.embed_dim=192"]))
+    assert (args["embed_dim"], args["num_heads"]) == (192, 6)
+    assert load_config("mini", ["model.depth=4", "model.depth=null"]).model.depth is None
+    with pytest.raises(ConfigError, match="model.depth must be an integer"):
+        load_config("mini", ["model.depth=deep"])

@@ -124,7 +124,7 @@ def test_model_args_named_size_and_explicit_override():
     args = model_args(load_config("mini", ["model.name=small", "model.embed_dim=256", "model.num_heads=4"]))
     assert (args["embed_dim"], args["num_heads"], args["depth"], args["decoder_dim"]) == (256, 4, 12, 192)
     smoke = load_config("smoke")
-    assert build_classifier(smoke, 3).embed_dim == smoke.model.embed_dim
+    assert build_classifier(smoke, 3).embed_dim == model_args(smoke)["embed_dim"] == 64
 
 
 @pytest.mark.parametrize("size", list_sizes())

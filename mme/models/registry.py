@@ -2,9 +2,9 @@
 
 Each size is a small function returning its model arguments (as timm registers its variants); one
 factory builds any of them. `model_args(cfg)` resolves the arguments once: the named size
-(`model.name`), then every `cfg.model.*` dimension the user changed from its default (an explicit
-override), then the clip geometry and the options that are not part of a size (decoder depth and mode,
-drop path). The resolved dict is stored in every checkpoint, so a model can be rebuilt from its file.
+(`model.name`), then every `cfg.model.*` dimension that is set (not null: an explicit override),
+then the clip geometry and the options that are not part of a size (decoder depth and mode, drop path).
+The resolved dict is stored in every checkpoint, so a model can be rebuilt from its file.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mme.config import Config, ModelConfig
+from mme.config import Config
 from mme.models.classifier import VideoClassifier
 from mme.models.pretrainer import MaskedMotionPretrainer
 
 _SIZES: dict[str, Callable[[], dict[str, Any]]] = {}
 
-# Keys a named size defines; cfg.model values that differ from ModelConfig() defaults override them.
+# Keys a named size defines; a cfg.model value that is not null overrides the size's.
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_dim", "decoder_num_heads")
 ENCODER_KEYS = ("img_size", "num_frames", "patch_size", "tubelet_size", "embed_dim", "depth", "num_heads",
                 "mlp_ratio", "qkv_bias", "drop_path")
@@ -62,8 +62,7 @@ def size_args(name: str) -> dict[str, Any]:
 def model_args(cfg: Config) -> dict[str, Any]:
     """Resolved model arguments (without the target parts or the number of classes)."""
     args = size_args(cfg.model.name)
-    defaults = ModelConfig()
-    args |= {k: getattr(cfg.model, k) for k in SIZE_KEYS if getattr(cfg.model, k) != getattr(defaults, k)}
+    args |= {k: getattr(cfg.model, k) for k in SIZE_KEYS if getattr(cfg.model, k) is not None}
     args |= dict(img_size=cfg.data.input_size, num_frames=cfg.data.num_frames, patch_size=cfg.model.patch_size,
                  tubelet_size=cfg.model.tubelet_size, qkv_bias=True, drop_path=cfg.model.drop_path,
                  decoder_depth=cfg.model.decoder_depth, decoder_mode=cfg.model.decoder_mode)
