@@ -6,9 +6,10 @@ Measures, on generated mini motion videos (16 x 112 x 112 clips, stride 3, K=4, 
 - the whole `PretrainDataset.__getitem__` (decode + flow-cache read + crop/resize/flip of frames and flow +
   targets + mask + normalisation), with its parts timed separately.
 
-`torch.set_num_threads(1)`; wall-clock and process CPU time, medians and minima over repeats. The machine's
-load average is recorded beside the figures: on shared cores every number grows with it (the CPU-time
-minimum is the figure least disturbed by other processes, and the one checked against the budget).
+`torch.set_num_threads(1)` and `cv2.setNumThreads(1)` (as a DataLoader worker should run); wall-clock and
+process CPU time, medians and minima over repeats. The machine's load average is recorded beside the
+figures: on shared cores every number grows with it (the CPU-time minimum is the figure least disturbed by
+other processes, and the one checked against the budget).
 
 Prints a table and writes benchmarks/results/targets.json. Usage:
     python benchmarks/bench_targets.py [--videos 6] [--repeats 20] [--kinds traj pixel ...] [--out FILE]
@@ -26,6 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import cv2
 import torch
 
 import mme.data.datasets as datasets_module
@@ -111,19 +113,21 @@ def time_getitem(workdir: Path, repeats: int) -> dict:
     cfg = load_config("mini")
     dataset = PretrainDataset(cfg, workdir)
     dataset[0]  # warm-up
-    total, buckets = [], defaultdict(list)
+    total, cpu, buckets = [], [], defaultdict(list)
     with step_timers(buckets):
         for epoch in range(repeats):
             dataset.set_epoch(epoch)
             for index in range(len(dataset)):
                 for name in STEPS:
                     buckets[name].append(0.0)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 dataset[index]
                 total.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
     steps = {name: summary(values)["median_ms"] for name, values in buckets.items()}
     steps["targets_and_rest"] = round(summary(total)["median_ms"] - sum(steps.values()), 2)
-    return {"kind": cfg.target.kind, "items": len(total), **summary(total), "steps_median_ms": steps}
+    return {"kind": cfg.target.kind, "items": len(total), **summary(total), "cpu_median_ms": summary(cpu)["median_ms"],
+            "cpu_min_ms": summary(cpu)["min_ms"], "steps_median_ms": steps}
 
 
 def main() -> None:
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "targets.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    cv2.setNumThreads(1)  # the data path also calls OpenCV (resize, colour, merge)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = make_workdir(Path(tmp), args.videos)
         load_before = os.getloadavg()
@@ -164,8 +169,9 @@ def print_table(results: dict) -> None:
         print(f"  {kind:14s} wall {row['median_ms']:7.2f} ms median {row['min_ms']:7.2f} min | cpu "
               f"{row['cpu_median_ms']:7.2f} median {row['cpu_min_ms']:7.2f} min | width {row['width']}")
     getitem = results["getitem_ms"]
-    print(f"PretrainDataset.__getitem__ ({getitem['kind']}): {getitem['median_ms']:.2f} ms median "
-          f"over {getitem['items']} items; steps: {getitem['steps_median_ms']}")
+    print(f"PretrainDataset.__getitem__ ({getitem['kind']}): wall {getitem['median_ms']:.2f} ms median | cpu "
+          f"{getitem['cpu_median_ms']:.2f} median {getitem['cpu_min_ms']:.2f} min over {getitem['items']} items; "
+          f"steps (wall medians): {getitem['steps_median_ms']}")
 
 
 if __name__ == "__main__":

@@ -221,3 +221,16 @@ def test_chunked_processing_gives_the_same_descriptors(monkeypatch):
     chunked = [hog_cells(gray), hof_cells(flow), mbh_cells(flow), hog_at_points(gray, frame, points)]
     for a, b in zip(whole, chunked):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_hog_at_points_does_not_depend_on_the_order_of_the_points():
+    """Points sorted by frame (the fast path, no reordering) and shuffled give the same rows."""
+    rng = np.random.default_rng(9)
+    gray = torch.tensor(np.stack([texture(24, 32, seed=s) for s in range(6)]))
+    frame = torch.tensor(np.sort(rng.choice([0, 2, 3, 5], 60)))  # some frames unused: non-consecutive chunks
+    points = torch.tensor(np.stack([rng.uniform(0, 31, 60), rng.uniform(0, 23, 60)], 1).astype(np.float32))
+    in_order = hog_at_points(gray, frame, points)
+    shuffle = torch.from_numpy(rng.permutation(60))
+    assert torch.allclose(hog_at_points(gray, frame[shuffle], points[shuffle]), in_order[shuffle], atol=1e-6)
+    for (x, y), f, row in zip(points.tolist()[:12], frame.tolist(), in_order.numpy()):
+        assert np.abs(row - reference_point_hog(gray[f].numpy(), x, y)).max() < TOL

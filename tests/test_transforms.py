@@ -124,3 +124,46 @@ def test_flip_allowed():
     assert flip_allowed(explicit)
     explicit.data.dataset, explicit.data.flip = "k400", "off"
     assert not flip_allowed(explicit)
+
+
+def _bilinear_reference(x: np.ndarray, p: CropParams) -> np.ndarray:
+    """float64 crop + resize from the documented map (pixel centres, align_corners=False, edges replicated)."""
+    window = x[:, p.top:p.top + p.height, p.left:p.left + p.width].astype(np.float64)
+
+    def taps(size_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        source = np.clip((np.arange(p.out_size) + 0.5) * size_in / p.out_size - 0.5, 0, size_in - 1)
+        low = np.floor(source).astype(int)
+        return low, np.minimum(low + 1, size_in - 1), source - low
+
+    y0, y1, fy = taps(p.height)
+    x0, x1, fx = taps(p.width)
+    rows = window[:, y0] * (1 - fy)[:, None, None] + window[:, y1] * fy[:, None, None]
+    out = rows[:, :, x0] * (1 - fx)[:, None] + rows[:, :, x1] * fx[:, None]
+    return out[:, :, ::-1] if p.flip else out
+
+
+@pytest.mark.parametrize("crop", [CropParams(7, 3, 45, 51, 64, True), CropParams(0, 5, 60, 70, 32, False),
+                                  CropParams(10, 20, 40, 40, 40, True), CropParams(2, 1, 30, 64, 48, False)])
+def test_crop_frames_and_flow_equal_the_bilinear_formula(crop):
+    """Up- and down-scaling, anisotropic, unscaled, flipped: the documented map to float32 precision."""
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (3, 60, 80, 3), dtype=np.uint8)
+    np.testing.assert_allclose(crop_frames(frames, crop).numpy(), _bilinear_reference(frames, crop), atol=2e-3)
+    np.testing.assert_allclose(crop_frames(torch.from_numpy(frames).double(), crop).numpy(),
+                               _bilinear_reference(frames, crop), atol=2e-3)
+    flow = rng.normal(0, 4, (2, 60, 80, 2)).astype(np.float32)
+    scale = np.array([-crop.scale_x if crop.flip else crop.scale_x, crop.scale_y])
+    got = crop_flow(torch.from_numpy(flow), crop)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    np.testing.assert_allclose(got.numpy(), _bilinear_reference(flow, crop) * scale, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_crop_frames_takes_any_channel_count(channels):
+    image = np.random.default_rng(2).uniform(0, 255, (2, 30, 40, channels)).astype(np.float32)
+    p = CropParams(3, 4, 20, 25, 16, flip=True)
+    out = crop_frames(image, p)
+    assert out.shape == (2, 16, 16, channels)
+    np.testing.assert_allclose(out.numpy(), _bilinear_reference(image, p), atol=1e-3)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_frames(image, CropParams(15, 4, 20, 25, 16))

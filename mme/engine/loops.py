@@ -54,7 +54,10 @@ def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 
 def _worker_init(worker_id: int) -> None:  # noqa: ARG001
+    import cv2
+
     torch.set_num_threads(1)  # workers decode and build targets; one thread each avoids oversubscription
+    cv2.setNumThreads(1)
 
 
 def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,

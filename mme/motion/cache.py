@@ -8,7 +8,7 @@ members, no pickles, read with `np.load`), written at zlib level 1 instead of nu
   `source_bytes`).
 - `flow_00000`, `flow_00001`, ...: int16 codes of consecutive chunks of `chunk_pairs` frame pairs (the last
   chunk may be shorter), stored component-planar `(n, 2, H, W)` (all dx, then all dy), so reading a window
-  decompresses only the chunks it overlaps.
+  decompresses only the chunks it overlaps, each only up to the last pair it needs.
 
 Why level 1 and planar: on mini videos (DIS, 128 px) level 6 took 4-5x longer than the flow itself, and
 planar codes at level 1 are as small as interleaved ones at level 6 (benchmarks/bench_extract.py).
@@ -21,12 +21,15 @@ Non-finite flow is refused. `FlowCache.window` maps the codes back to pixels (fl
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import cv2
 import numpy as np
 
 from mme.data.lists import video_key
@@ -39,8 +42,12 @@ FLOW_LIMIT = np.iinfo(np.int16).max / FLOW_SCALE  # +-511.98 px
 CHUNK_PAIRS = 16  # frame pairs per zip member
 ZLIB_LEVEL = 1
 
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip member's local file header (PKWARE APPNOTE 4.3.7)
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_NPY_HEADER_MAX = 4096  # bytes: a `.npy` header of these shapes takes 128
+
 # What a damaged or foreign file can raise while being opened or read.
-READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError, TypeError)
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, struct.error, OSError, EOFError, ValueError, KeyError, TypeError)
 
 
 class CacheError(ValueError):
@@ -129,20 +136,64 @@ class FlowCache:
             raise IndexError(f"flow window [{start}, {stop}) is outside the {self.num_pairs} pairs of {self.path}")
         if start == stop:
             return np.zeros((0, *self.shape[1:]), np.float32)
-        first, last = start // self._chunk, (stop - 1) // self._chunk
+        height, width = self.shape[1:3]
+        flow = np.empty((stop - start, height, width, 2), np.float32)
         try:
-            with np.load(self.path, allow_pickle=False) as archive:
-                planar = np.concatenate([archive[_chunk_name(k)] for k in range(first, last + 1)])
+            with open(self.path, "rb") as file, zipfile.ZipFile(file) as archive:
+                for k in range(start // self._chunk, (stop - 1) // self._chunk + 1):
+                    first = k * self._chunk
+                    skip, end = max(start - first, 0), min(stop - first, self._chunk)
+                    member = archive.getinfo(f"{_chunk_name(k)}.npy")
+                    codes = _read_pairs(file, member, skip, end, (2, height, width))
+                    _dequantize(codes, np.float32(1.0 / self._scale), flow[first + skip - start:first + end - start])
         except READ_ERRORS as exc:
             raise CacheError(f"flow cache {self.path} is unreadable ({exc}); re-run `mme extract`") from exc
-        offset = first * self._chunk
-        codes = np.moveaxis(planar[start - offset:stop - offset], 1, -1)  # (n, 2, H, W) -> (n, H, W, 2)
-        flow = np.ascontiguousarray(codes, dtype=np.float32)
-        flow *= np.float32(1.0 / self._scale)
         return flow
 
     def __repr__(self) -> str:
         return f"FlowCache({str(self.path)!r}, shape={self.shape}, backend={self.meta.get('backend')!r})"
+
+
+def _read_pairs(file: BinaryIO, info: zipfile.ZipInfo, skip: int, end: int, pair_shape: tuple[int, ...]) -> np.ndarray:
+    """int16 codes of pairs `skip .. end-1` of one chunk member of the open archive `file`, (end - skip, *pair_shape).
+
+    Inflates the member's deflate stream in one call (`zipfile`'s reader inflates in 4 KiB steps and computes a
+    CRC), and only up to pair `end` (a window rarely needs a chunk's tail); the `.npy` header is read as `np.load`
+    would. A partial read cannot check the member's CRC: `cache_problem(deep=True)` does (the extract stage).
+    """
+    name = info.filename
+    file.seek(info.header_offset)
+    signature, *_, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+    if signature != _LOCAL_SIGNATURE:
+        raise zipfile.BadZipFile(f"member {name} has no local header")
+    file.seek(name_length + extra_length, 1)
+    compressed = file.read(info.compress_size)
+    pair_bytes = int(np.prod(pair_shape)) * np.dtype(np.int16).itemsize
+    wanted = _NPY_HEADER_MAX + end * pair_bytes
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, wanted)
+    elif info.compress_type == zipfile.ZIP_STORED:
+        data = compressed[:wanted]
+    else:
+        raise ValueError(f"member {name} uses zip compression {info.compress_type}, expected deflate")
+    header = io.BytesIO(data[:_NPY_HEADER_MAX])
+    major, _ = np.lib.format.read_magic(header)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(header)
+    if fortran or dtype != np.int16 or len(shape) != 4 or tuple(shape[1:]) != pair_shape or shape[0] < end:
+        raise ValueError(f"member {name} is {shape} {dtype}, expected (>= {end}, {pair_shape}) int16")
+    offset = header.tell() + skip * pair_bytes
+    if len(data) < offset + (end - skip) * pair_bytes:
+        raise ValueError(f"member {name} ends early")
+    return np.frombuffer(data, np.int16, (end - skip) * pair_bytes // 2, offset).reshape(end - skip, *pair_shape)
+
+
+def _dequantize(codes: np.ndarray, scale: np.float32, out: np.ndarray) -> None:
+    """Planar int16 codes (n, 2, H, W) -> pixels (n, H, W, 2) float32 into `out` (codes * scale, interleaved)."""
+    planes = codes.astype(np.float32)
+    planes *= scale
+    for pair, (dx, dy) in zip(out, planes):
+        cv2.merge([dx, dy], dst=pair)
 
 
 def _read_meta(archive: np.lib.npyio.NpzFile, path: Path) -> dict[str, Any]:

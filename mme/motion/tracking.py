@@ -82,8 +82,11 @@ def sample_flow(flow: torch.Tensor, frame: torch.Tensor, points: torch.Tensor) -
     step_x = 1 if width > 1 else 0
     step_y = width if height > 1 else 0
     base = (frame * height + y0.long()) * width + x0.long()
-    top = table[base] * (1 - fx) + table[base + step_x] * fx
-    bottom = table[base + step_y] * (1 - fx) + table[base + step_y + step_x] * fx
+    # The four neighbours of every point in one gather: (P, 4 (top-left, top-right, bottom-left, bottom-right), 2).
+    corners = torch.tensor([0, step_x, step_y, step_y + step_x])
+    near = table.index_select(0, (base[:, None] + corners).view(-1)).view(len(points), 4, 2)
+    top = near[:, 0] * (1 - fx) + near[:, 1] * fx
+    bottom = near[:, 2] * (1 - fx) + near[:, 3] * fx
     return top * (1 - fy) + bottom * fy
 
 

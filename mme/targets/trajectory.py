@@ -67,9 +67,13 @@ def track_tokens(inputs: TargetInputs, geo: TargetGeometry, with_shape: bool = T
     tracks, valid = track_points(flow, points, start, geo.length, geo.track_step, geo.median)
     shape = None
     if with_shape:
-        steps = start.unsqueeze(1) + torch.arange(geo.length) * geo.track_step  # (P, L) offsets
-        hog = hog_at_points(inputs.gray, inputs.rows(steps.reshape(-1)), tracks[:, :-1].reshape(-1, 2))
-        shape = hog.view(geo.slots, hp, wp, geo.points, geo.length, HOG_BINS)
+        # Queries ordered (slot, step, point), i.e. by frame, so that `hog_at_points` needs no sort.
+        steps = torch.tensor(geo.slot_offsets)[:, None] + torch.arange(geo.length) * geo.track_step  # (J, L)
+        frames = inputs.rows(steps).repeat_interleave(per_slot, dim=1)  # (J, L * per_slot)
+        positions = tracks[:, :-1].reshape(geo.slots, per_slot, geo.length, 2).transpose(1, 2)
+        hog = hog_at_points(inputs.gray, frames.reshape(-1), positions.reshape(-1, 2))
+        hog = hog.view(geo.slots, geo.length, per_slot, HOG_BINS).transpose(1, 2)
+        shape = hog.reshape(geo.slots, hp, wp, geo.points, geo.length, HOG_BINS)
     return Trajectories(tracks.view(geo.slots, hp, wp, geo.points, geo.length + 1, 2),
                         valid.view(geo.slots, hp, wp, geo.points), shape)
 
