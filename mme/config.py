@@ -267,6 +267,11 @@ def _coerce(key: str, text: Any, current: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {text!r}")
         return value
     if isinstance(current, float):
+        if isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {text!r}")
         return float(value)

@@ -19,7 +19,9 @@ def test_presets_differ_where_documented():
 
 def test_overrides_are_typed():
     cfg = load_config("mini", ["target.kind=pixel", "target.length=8", "mask.ratio=0.9",
-                               "target.patch_norm=false", "pretrain.betas=[0.8, 0.9]"])
+                               "target.patch_norm=false", "pretrain.betas=[0.8, 0.9]",
+                               "pretrain.base_lr=4e-3"])
+    assert cfg.pretrain.base_lr == pytest.approx(4e-3)
     assert cfg.target.kind == "pixel" and cfg.target.length == 8
     assert cfg.mask.ratio == pytest.approx(0.9) and cfg.target.patch_norm is False
     assert cfg.pretrain.betas == (0.8, 0.9)
