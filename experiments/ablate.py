@@ -62,6 +62,7 @@ from mme.reports.studies import (
     optuna_study_name,
     requeue,
     study_names,
+    trial_budget,
 )
 
 Runner = Callable[[Config, Path, tuple[str, ...]], dict[str, float]]
@@ -88,11 +89,12 @@ class Plan:
         return [(label, seed) for label in self.study.labels for seed in range(self.seeds)]
 
     def base_config(self) -> Config:
-        return load_config(self.preset, [*self.study.base, *self.overrides])
+        return load_config(self.preset, [*trial_budget(self.preset), *self.study.base, *self.overrides])
 
     def trial_config(self, label: str, seed: int) -> Config:
         setting = self.study.setting(label)
-        return load_config(self.preset, [*self.study.base, *self.overrides, *setting.overrides, f"seed={seed}"])
+        return load_config(self.preset, [*trial_budget(self.preset), *self.study.base, *self.overrides,
+                                         *setting.overrides, f"seed={seed}"])
 
     def trial_dir(self, label: str, seed: int) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
@@ -109,7 +111,7 @@ def make_plan(name: str, args: argparse.Namespace) -> Plan:
         if key in swept:
             raise ValueError(f"--set {item}: study {name!r} sweeps {key}; drop it or ablate another study")
     overrides = tuple(args.overrides)
-    dataset = load_config(args.preset, [*study.base, *overrides]).data.dataset
+    dataset = load_config(args.preset, [*trial_budget(args.preset), *study.base, *overrides]).data.dataset
     workdir = args.workdir.resolve()
     return Plan(study, optuna_study_name(name, args.preset, dataset, overrides), args.preset, dataset,
                 overrides, args.seeds, args.storage or Paths(workdir).optuna_uri, workdir, args.runner)

@@ -116,7 +116,7 @@ class PretrainConfig:
     warmup_epochs: int = 2
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float = 0.02
+    clip_grad: float = 0.0  # 0 = off (VideoMAE/MME pre-train without clipping)
     accum_steps: int = 1
     amp: str = "bf16"
 
@@ -224,12 +224,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"epochs": 5, "batch_size": 8},
         "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
     },
-    "mini": {},
+    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores: ViT-Tiny width with 6 blocks, short
+    # schedules with learning rates raised for the small batch, no mixup/cutmix in 6 fine-tuning epochs.
+    "mini": {
+        "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
+        "pretrain": {"epochs": 8, "base_lr": 4e-3, "warmup_epochs": 1},
+        "finetune": {"epochs": 6, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0, "cutmix": 0.0},
+    },
     "paper": {
         "data": {"short_side": 256, "input_size": 224, "num_frames": 16, "stride": 3, "num_workers": 10},
         "flow": {"backend": "farneback"},
         "model": {"name": "base", "drop_path": 0.1},
-        "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40, "clip_grad": 0.02},
+        "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40},
         "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5,
                      "layer_decay": 0.75},
         "probe": {"epochs": 20},

@@ -35,6 +35,20 @@ ATTR_PARENT_RUN = "mlflow_parent_run_id"
 METRICS = ("ft_top1", "ft_top5", "probe_top1", "pretrain_seconds", "pretrain_loss")
 FULL_CHAIN = ("pretrain", "finetune", "probe")
 
+# Per-preset trial budget, applied before a study's own overrides and the user's --set (which win).
+# Like the paper's ablations ("a smaller pre-training dataset and reduced input patches of fine-tuning",
+# section 4), a trial is cheaper than the default pipeline: on `mini` about 4-6 minutes on 2 CPU cores.
+TRIAL_BUDGET: dict[str, tuple[str, ...]] = {
+    "smoke": (),
+    "mini": ("pretrain.epochs=4", "pretrain.warmup_epochs=1", "finetune.epochs=3", "finetune.warmup_epochs=1"),
+    "paper": (),
+}
+
+
+def trial_budget(preset: str) -> tuple[str, ...]:
+    """The overrides that size an ablation trial for `preset` (see TRIAL_BUDGET)."""
+    return TRIAL_BUDGET.get(preset, ())
+
 
 @dataclass(frozen=True)
 class Setting:
