@@ -119,9 +119,9 @@ def test_classifier_layout_matches_videomae():
 
 
 def test_model_args_named_size_and_explicit_override():
-    args = model_args(load_config("mini", ["model.name=small"]))
+    args = model_args(load_config("paper", ["model.name=small"]))
     assert (args["embed_dim"], args["num_heads"], args["decoder_dim"]) == (384, 6, 192)
-    args = model_args(load_config("mini", ["model.name=small", "model.embed_dim=256", "model.num_heads=4"]))
+    args = model_args(load_config("paper", ["model.name=small", "model.embed_dim=256", "model.num_heads=4"]))
     assert (args["embed_dim"], args["num_heads"], args["depth"], args["decoder_dim"]) == (256, 4, 12, 192)
     smoke = load_config("smoke")
     assert build_classifier(smoke, 3).embed_dim == model_args(smoke)["embed_dim"] == 64
@@ -129,7 +129,7 @@ def test_model_args_named_size_and_explicit_override():
 
 @pytest.mark.parametrize("size", list_sizes())
 def test_every_registered_size_trains_with_finite_gradients(size):
-    cfg = load_config("mini", [f"model.name={size}", "data.input_size=32", "data.short_side=32",
+    cfg = load_config("paper", [f"model.name={size}", "data.input_size=32", "data.short_side=32",
                                "data.num_frames=4", "model.drop_path=0.1"])
     args = model_args(cfg) | {"target_parts": PARTS}
     torch.manual_seed(0)
