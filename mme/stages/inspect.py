@@ -64,7 +64,10 @@ def _flow_source(cfg, workdir: Path, video: Path, rel: str):
 def run(cfg, workdir: str | Path, video: str | Path, out: str | Path, **_) -> dict:
     """Inspect one clip of `video`; returns a summary (paths, shapes, valid fraction, flow source)."""
     paths = Paths(workdir)
-    video_path = Path(video) if Path(video).is_file() else resolve_video(paths.workdir, video)
+    # A relative path names a file under the workdir when there is one (list rows are workdir-relative),
+    # else a file relative to the current directory.
+    in_workdir = resolve_video(paths.workdir, video)
+    video_path = in_workdir if in_workdir.is_file() else Path(video)
     if not video_path.is_file():
         raise FileNotFoundError(f"video {video} does not exist (give a file path or a path under the workdir)")
     try:
