@@ -12,6 +12,7 @@ offset `k*s`; token-time slot j covers input frames `j*tubelet .. j*tubelet + tu
 
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 
@@ -168,15 +169,15 @@ def cells_to_tokens(cells: torch.Tensor, per_patch: int) -> torch.Tensor:
     return x.reshape(slots * hp * wp, frames * per_patch * per_patch * channels)
 
 
-class TargetSpec:
+class TargetSpec(abc.ABC):
     """One target kind. Subclasses set `name`, `needs_flow` and implement `parts` and `compute`."""
 
     name: str = ""
     needs_flow: bool = False
 
+    @abc.abstractmethod
     def parts(self, cfg) -> dict[str, int]:
         """Ordered part name -> width per token."""
-        raise NotImplementedError
 
     def frame_offsets(self, geo: TargetGeometry) -> set[int]:  # noqa: ARG002  (kinds override)
         """Offsets of the frames the kind reads besides the input frames."""
@@ -186,8 +187,9 @@ class TargetSpec:
         """Flow pairs from the clip start the kind reads (0: none)."""
         return 0
 
+    @abc.abstractmethod
     def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
-        raise NotImplementedError
+        """The kind's parts for every token of the clip, in `parts` order."""
 
     def window(self, geo: TargetGeometry) -> int:
         """Original frames from the clip start that the clip and its targets read."""
