@@ -24,7 +24,7 @@ from mme.data.video import read_frames, video_info
 from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
 from mme.motion.flow import compute_flow
 from mme.paths import Paths
-from mme.targets import TargetGeometry, TargetSpec, get_target, track_tokens
+from mme.targets import PartValue, TargetGeometry, TargetInputs, TargetSpec, get_target, track_tokens
 from mme.utils import atomic_path
 
 FIGURE_NAME = "trajectories.png"
@@ -39,6 +39,12 @@ class _Needs(TargetSpec):
     def __init__(self, *specs: TargetSpec):
         self.specs = specs
         self.name = "+".join(s.name for s in specs)
+
+    def parts(self, cfg) -> dict[str, int]:
+        return {name: width for spec in self.specs for name, width in spec.parts(cfg).items()}
+
+    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+        return [value for spec in self.specs for value in spec.compute(inputs, geo)]
 
     def frame_offsets(self, geo: TargetGeometry) -> set[int]:
         return set().union(*(s.frame_offsets(geo) for s in self.specs))
