@@ -68,6 +68,36 @@ def test_actor_motion_matches_the_class(size):
             assert (x >= 0).all() and (x <= size).all() and (y >= 0).all() and (y <= size).all(), cls
 
 
+def test_zoom_magnifies_objects_and_keeps_them_in_frame():
+    for seed in range(6):
+        (_, _, _, r1), = actor_tracks("grow", np.random.default_rng(seed), 48, 128)
+        (x, y, _, r2), = actor_tracks("grow", np.random.default_rng(seed), 48, 128, zoom=2.0)
+        np.testing.assert_allclose(r2, 2 * r1, rtol=1e-6)  # same draw, twice the size on screen
+        for cls in ("slide_left", "slide_up", "rotate_cw", "grow", "bounce"):
+            (x, y, _, r), = actor_tracks(cls, np.random.default_rng(seed), 48, 128, zoom=2.0)
+            reach = 0.75 * r - 1e-6  # centres keep IN_FRAME * radius from the border, as at zoom 1
+            assert (x >= reach).all() and (x <= 128 - reach).all() and (y >= reach).all() and (y <= 128 - reach).all()
+        (x, _, _, _), = actor_tracks("slide_left", np.random.default_rng(seed), 48, 128, zoom=2.0)
+        assert (np.diff(x) < 0).all() and -np.diff(x)[0] <= 2 * 2.5 + 1e-6
+
+
+def test_shared_appearance_gives_every_video_the_same_look():
+    def scene(index, appearance):
+        seed = 3
+        return build_scene(synthetic.label_of(index), video_rng(seed, index), 12, 64, 1, False,
+                           shared_seed=seed if appearance == "shared" else None)
+
+    shared = [scene(i, "shared") for i in (0, 5, 9)]
+    for other in shared[1:]:
+        np.testing.assert_array_equal(other.background, shared[0].background)
+    own = [scene(i, "random") for i in (0, 5)]
+    assert not np.array_equal(own[0].background, own[1].background)
+    # the same seed still gives different motions: the videos are not copies
+    assert not np.array_equal(render(shared[0], 64), render(shared[1], 64))
+    with pytest.raises(ValueError, match="appearance"):
+        make_video(0, 4, 32, 0, False, 0, appearance="fixed")
+
+
 def _config(**changes) -> SyntheticConfig:
     return dataclasses.replace(SyntheticConfig(num_videos=14, num_frames=12, size=32, workers=1), **changes)
 

@@ -15,6 +15,12 @@ classes, so object size and placement say little about the class either.
 Motion magnitudes are given at 128 px ("unit pixels", scaled by size/128): 0.7-2.5 px/frame for
 slides, rotation edges, bounces and orbits, capped so a whole video's trajectory stays in frame;
 grow/shrink change the radius by 0.2-0.5 px/frame. Every video is a pure function of (seed, index).
+
+Two difficulty knobs (`data.synthetic.*`): `zoom` magnifies the view (objects, motions and in-frame limits
+scale together; 1 = the sizes above), and `appearance`: `random` draws a new background and new sprites
+for every video, `shared` draws them once from the seed, so videos differ only in motion, placement and
+size. A from-scratch ViT needs far fewer updates to learn the motion classes when the look is shared
+(README, "The default run"), which is why the `mini` preset uses it; `random` is the harder set.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ PAN_SPEED = (0.05, 0.25)    # camera pan, px/frame at REF_SIZE
 JITTER = (0.3, 1.2)         # distractor shake amplitude, px at REF_SIZE
 SHAPES = ("circle", "ellipse", "triangle", "square", "pentagon", "hexagon", "star", "cross")
 PATTERNS = ("stripes", "checker", "dots", "split")
+APPEARANCES = ("random", "shared")
 
 
 @dataclass
@@ -260,25 +267,31 @@ def _orbit(rng, num_frames, size):
              np.full(num_frames, radius))]
 
 
-def actor_tracks(scene_class: str, rng: np.random.Generator, num_frames: int, size: int) -> list[tuple]:
-    """Per-frame (x, y, angle, radius) arrays of the moving object(s) of a scene class, in frame pixels."""
-    scale = size / REF_SIZE
+def actor_tracks(scene_class: str, rng: np.random.Generator, num_frames: int, size: int,
+                 zoom: float = 1.0) -> list[tuple]:
+    """Per-frame (x, y, angle, radius) arrays of the moving object(s) of a scene class, in frame pixels.
+
+    `zoom` magnifies the view: the frame spans REF_SIZE/zoom unit pixels, so objects, their motions and
+    the in-frame constraints all scale together (speeds stay capped so trajectories stay in frame).
+    """
+    world = REF_SIZE / zoom
+    scale = size / world
     makers = {
-        "slide_left": lambda: _slide(rng, num_frames, REF_SIZE, vertical=False),
-        "slide_up": lambda: _slide(rng, num_frames, REF_SIZE, vertical=True),
-        "rotate_cw": lambda: _rotate(rng, num_frames, REF_SIZE),
-        "grow": lambda: _grow(rng, num_frames, REF_SIZE),
-        "approach": lambda: _approach(rng, num_frames, REF_SIZE),
-        "bounce": lambda: _bounce(rng, num_frames, REF_SIZE),
-        "orbit": lambda: _orbit(rng, num_frames, REF_SIZE),
+        "slide_left": lambda: _slide(rng, num_frames, world, vertical=False),
+        "slide_up": lambda: _slide(rng, num_frames, world, vertical=True),
+        "rotate_cw": lambda: _rotate(rng, num_frames, world),
+        "grow": lambda: _grow(rng, num_frames, world),
+        "approach": lambda: _approach(rng, num_frames, world),
+        "bounce": lambda: _bounce(rng, num_frames, world),
+        "orbit": lambda: _orbit(rng, num_frames, world),
     }
     tracks = makers[scene_class]()
     return [(x * scale, y * scale, angle, radius * scale) for x, y, angle, radius in tracks]
 
 
-def _distractor_track(rng: np.random.Generator, num_frames: int, size: int) -> tuple:
+def _distractor_track(rng: np.random.Generator, num_frames: int, size: int, zoom: float = 1.0) -> tuple:
     """A static object, or (half the time) one shaking in place with a smooth random jitter."""
-    scale = size / REF_SIZE
+    scale = size * zoom / REF_SIZE
     radius = _marginal_radius(rng, num_frames) * scale
     x, y = _box(rng, size, radius), _box(rng, size, radius)
     t = np.arange(num_frames)
@@ -293,26 +306,38 @@ def _distractor_track(rng: np.random.Generator, num_frames: int, size: int) -> t
     return x + offsets[0], y + offsets[1], np.full(num_frames, rng.uniform(0, 360)), np.full(num_frames, radius)
 
 
+def appearance_rng(seed: int, part: int) -> np.random.Generator:
+    """The generator of a shared-appearance item (0: background, i >= 1: the i-th object's sprite)."""
+    return np.random.default_rng([int(seed), 0x5EED, int(part)])
+
+
 def build_scene(label: int, rng: np.random.Generator, num_frames: int, size: int, distractors: int,
-                camera_pan: bool) -> Scene:
-    """The full scene of one video of class CLASSES[label] (time-reversed partners already reversed)."""
+                camera_pan: bool, zoom: float = 1.0, shared_seed: int | None = None) -> Scene:
+    """The full scene of one video of class CLASSES[label] (time-reversed partners already reversed).
+
+    `zoom` magnifies objects and motions (see `actor_tracks`). `shared_seed` None: every video draws its
+    own background and sprites; an int: the background and the sprite of each object slot (actor,
+    partner/distractors) come from that seed, the same in every video, so videos differ only in motion,
+    placement and size (the `appearance: shared` dataset).
+    """
     scene_class, backwards = SCENE_OF[CLASSES[label]]
-    scale = size / REF_SIZE
+    scale = size * zoom / REF_SIZE
     pan_speed = rng.uniform(*PAN_SPEED) * scale if camera_pan else 0.0
     pan_angle = rng.uniform(0, 2 * np.pi)
     tau = np.arange(num_frames) - (num_frames - 1) / 2
     camera = (pan_speed * tau[:, None] * np.array([np.cos(pan_angle), np.sin(pan_angle)])).astype(np.float32)
     pad = int(math.ceil(np.abs(camera).max())) + 2
-    background = _background(rng, size, pad)
-    tracks = actor_tracks(scene_class, rng, num_frames, size)
+    background = _background(rng if shared_seed is None else appearance_rng(shared_seed, 0), size, pad)
+    tracks = actor_tracks(scene_class, rng, num_frames, size, zoom)
     # approach/separate's partner stands in for one distractor, so every class shows as many objects
     extra = max(distractors - (len(tracks) - 1), 0)
-    tracks += [_distractor_track(rng, num_frames, size) for _ in range(extra)]
+    tracks += [_distractor_track(rng, num_frames, size, zoom) for _ in range(extra)]
     objects = []
-    for x, y, angle, radius in tracks:
+    for slot, (x, y, angle, radius) in enumerate(tracks, start=1):
         base = float(np.max(radius))
         states = np.stack([x, y, angle, radius], 1).astype(np.float32)
-        objects.append(SceneObject(make_sprite(rng, base), base, states))
+        sprite_rng = rng if shared_seed is None else appearance_rng(shared_seed, slot)
+        objects.append(SceneObject(make_sprite(sprite_rng, base), base, states))
     order = rng.permutation(len(objects))  # random depth order: the actor is not always on top
     scene = Scene(background, pad, camera, [objects[i] for i in order])
     return scene.reversed() if backwards else scene
@@ -365,10 +390,18 @@ def label_of(index: int) -> int:
     return index % len(CLASSES)
 
 
-def make_video(index: int, num_frames: int, size: int, distractors: int, camera_pan: bool, seed: int) -> np.ndarray:
-    """uint8 (F, S, S, 3) RGB frames of video `index` (class `label_of(index)`)."""
+def make_video(index: int, num_frames: int, size: int, distractors: int, camera_pan: bool, seed: int,
+               zoom: float = 1.0, appearance: str = "random") -> np.ndarray:
+    """uint8 (F, S, S, 3) RGB frames of video `index` (class `label_of(index)`).
+
+    appearance 'random': each video draws its own background and sprites; 'shared': all videos of the seed
+    share them (see `build_scene`).
+    """
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {APPEARANCES}, got {appearance!r}")
     rng = video_rng(seed, index)
-    scene = build_scene(label_of(index), rng, num_frames, size, distractors, camera_pan)
+    scene = build_scene(label_of(index), rng, num_frames, size, distractors, camera_pan, zoom,
+                        shared_seed=seed if appearance == "shared" else None)
     return render(scene, size)
 
 
@@ -410,7 +443,8 @@ def _make_one(task: tuple) -> tuple[int, bool]:
     index, path, cfg, seed = task
     if _is_complete(path, cfg.num_frames, cfg.size):
         return index, False
-    frames = make_video(index, cfg.num_frames, cfg.size, cfg.distractors, cfg.camera_pan, seed)
+    frames = make_video(index, cfg.num_frames, cfg.size, cfg.distractors, cfg.camera_pan, seed, cfg.zoom,
+                        cfg.appearance)
     write_mp4(path, frames, cfg.fps)
     if not _is_complete(path, cfg.num_frames, cfg.size):  # every generated video must decode (decord first)
         path.unlink()
@@ -448,7 +482,8 @@ def generate_counted(out_dir: str | Path, cfg, seed: int, progress: bool = True)
 
     Args:
         out_dir: dataset root (`data/raw/synthetic`); videos go to `out_dir/videos/NNNNNN.mp4`.
-        cfg: `SyntheticConfig` (num_videos, num_frames, size, fps, distractors, camera_pan, workers).
+        cfg: `SyntheticConfig` (num_videos, num_frames, size, fps, distractors, camera_pan, zoom, appearance,
+            workers).
         seed: the config seed; video i depends only on (seed, i).
         progress: show a tqdm bar.
     Existing complete videos are kept when `out_dir/meta.json` records the same parameters (the count
@@ -458,7 +493,8 @@ def generate_counted(out_dir: str | Path, cfg, seed: int, progress: bool = True)
     out_dir = Path(out_dir)
     videos = out_dir / "videos"
     meta = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "classes": list(CLASSES),
-            **{k: getattr(cfg, k) for k in ("num_frames", "size", "fps", "distractors", "camera_pan")}}
+            **{k: getattr(cfg, k) for k in ("num_frames", "size", "fps", "distractors", "camera_pan", "zoom",
+                                           "appearance")}}
     meta_path = out_dir / META_FILE
     if not (meta_path.is_file() and json.loads(meta_path.read_text()) == meta):
         shutil.rmtree(videos, ignore_errors=True)  # made with other parameters: none of it may be reused
