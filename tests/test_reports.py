@@ -96,7 +96,11 @@ def test_tables_from_sqlite_study(length_storage):
     # measured ranks (L=4, L=6, L=8) = (2, 3, 1); paper (63.2, 64.1, 63.3) -> (1, 3, 2): rho = 1 - 6*2/24
     assert result.spearman == pytest.approx(0.5)
     text = tables.agreement_text(table, result)
-    assert "**L=6**, the same as the paper's best" in text and "+0.50" in text
+    assert "**L=6**, the same as the paper's best" in text and "+0.50" in text and "by `ft_top1`" in text
+    by_probe = tables.ordering(table, "probe_top1")  # the same question asked of the linear probe
+    assert by_probe.metric == "probe_top1_mean"  # probe means: L=4 32, L=6 40, L=8 40 -> a tie at the top
+    assert by_probe.best_measured == ("L=6", "L=8") and by_probe.same_best is None
+    assert "by `probe_top1`" in tables.agreement_text(table, by_probe)
 
 
 def test_ordering_reports_ties_and_disagreement():
@@ -121,6 +125,7 @@ def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smo
     assert list(csv.columns[:13]) == tables.COLUMNS[:13]
     assert csv.loc[csv["setting"] == "L=4", "ft_top1_mean"].item() == pytest.approx(61.0)
     assert (workdir / "reports/figures/table7a_length.png").stat().st_size > 1000
+    assert (workdir / "reports/figures/table7a_length_probe.png").stat().st_size > 1000
     assert "| L=4 | 2 | 61.00 ± 1.41 |" in (workdir / "reports/tables/table7a_length.md").read_text()
     readme = (workdir / "reports/README.md").read_text()
     assert "Table 7a" in readme and "Spearman" in readme and "+0.50" in readme

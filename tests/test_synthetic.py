@@ -178,8 +178,10 @@ def _cross_validated_accuracy(features: np.ndarray, labels: np.ndarray, folds: i
     return hits / len(labels)
 
 
-def test_single_frames_are_near_chance_but_motion_classifies():
-    videos = [make_video(i, 32, 64, 2, True, seed=11) for i in range(12 * 10)]
+@pytest.mark.parametrize("appearance,zoom,distractors,pan", [("random", 1.0, 2, True), ("shared", 1.6, 0, False)])
+def test_single_frames_are_near_chance_but_motion_classifies(appearance, zoom, distractors, pan):
+    """Both looks: the harder default of the generator and the `mini` preset's shared, magnified one."""
+    videos = [make_video(i, 32, 64, distractors, pan, 11, zoom, appearance) for i in range(12 * 10)]
     labels = np.array([synthetic.label_of(i) for i in range(len(videos))])
     frame_acc = _cross_validated_accuracy(np.array([_frame_features(v) for v in videos]), labels)
     motion_acc = _cross_validated_accuracy(np.array([_motion_features(v) for v in videos]), labels)

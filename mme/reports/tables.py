@@ -120,9 +120,12 @@ def load_tables(storage: Any) -> list[StudyTable]:
     return tables
 
 
-def ordering(table: StudyTable) -> Ordering:
-    """Best setting and Spearman rank correlation of measured objective means vs the paper's top-1."""
-    metric = f"{table.study.objective}_mean"
+def ordering(table: StudyTable, metric: str | None = None) -> Ordering:
+    """Best setting and Spearman rank correlation of measured means vs the paper's top-1.
+
+    `metric`: a METRICS name (`probe_top1`, ...); default the study's objective.
+    """
+    metric = f"{metric or table.study.objective}_mean"
     measured = table.rows.dropna(subset=[metric])
     both = measured.dropna(subset=["paper_top1"])
     overall = _top(measured, metric)
@@ -188,7 +191,8 @@ def agreement_text(table: StudyTable, result: Ordering) -> str:
     """Plain-words statement of whether the measured ordering agrees with the paper's."""
     seeds = sorted(set(table.rows["n_seeds"]) - {0})
     where = (f"Study `{table.optuna_study}` (preset `{table.preset}`, dataset `{table.dataset}`, "
-             f"{'/'.join(map(str, seeds)) or '0'} seed(s) per setting, {table.trials_counted} trials).")
+             f"{'/'.join(map(str, seeds)) or '0'} seed(s) per setting, {table.trials_counted} trials), by "
+             f"`{result.metric.removesuffix('_mean')}`.")
     if not result.best_measured:
         return f"{where} No measured setting has a paper value, so the ordering cannot be compared."
     paper_best = " / ".join(result.best_paper)

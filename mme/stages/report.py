@@ -65,14 +65,18 @@ def _write_table(paths: Paths, file: str, rows: pd.DataFrame, objective: str, ti
     markdown = "\n".join(tables.to_markdown(part, objective) for _, part in rows.groupby("optuna_study", sort=False))
     write_text_atomic(paths.tables_dir / f"{file}.md", f"# {title}\n\n{markdown}")
     plots.bar_chart(rows, objective, title, paths.figures_dir / f"{file}.png")
+    if objective != "probe_top1":  # short trials: the linear probe often separates settings the fine-tune cannot
+        plots.bar_chart(rows, "probe_top1", f"{title} (linear probe)", paths.figures_dir / f"{file}_probe.png")
 
 
 def _readme_section(study: Any, group: list[tables.StudyTable]) -> str:
     lines = [f"## Table {study.table}: {study.title}", "",
              f"[csv](tables/{study.file}.csv) · [markdown](tables/{study.file}.md) · "
-             f"[chart](figures/{study.file}.png)", ""]
+             f"[chart](figures/{study.file}.png)"
+             + ("" if study.objective == "probe_top1" else f" · [probe chart](figures/{study.file}_probe.png)"), ""]
     for table in group:
-        lines.append(f"- {tables.agreement_text(table, tables.ordering(table))}")
+        for metric in dict.fromkeys((study.objective, "probe_top1")):  # the objective, then the linear probe
+            lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric))}")
     if study.notes:
         lines.append(f"- Note: {study.notes}")
     lines.append("")
