@@ -45,6 +45,7 @@ from mme.config import Config, ConfigError, load_config
 from mme.engine.tracking import setup_experiment, tracking_uri
 from mme.paths import Paths
 from mme.reports.studies import (
+    ATTR_BUDGET,
     ATTR_DATASET,
     ATTR_OVERRIDES,
     ATTR_PARENT_RUN,
@@ -110,10 +111,10 @@ def make_plan(name: str, args: argparse.Namespace) -> Plan:
             raise ValueError(f"--set {item}: seeds come from --seeds N (seeds 0..N-1)")
         if key in swept:
             raise ValueError(f"--set {item}: study {name!r} sweeps {key}; drop it or ablate another study")
-    overrides = tuple(args.overrides)
-    dataset = load_config(args.preset, [*trial_budget(args.preset), *study.base, *overrides]).data.dataset
+    overrides, budget = tuple(args.overrides), trial_budget(args.preset)
+    dataset = load_config(args.preset, [*budget, *study.base, *overrides]).data.dataset
     workdir = args.workdir.resolve()
-    return Plan(study, optuna_study_name(name, args.preset, dataset, overrides), args.preset, dataset,
+    return Plan(study, optuna_study_name(name, args.preset, dataset, overrides, budget), args.preset, dataset,
                 overrides, args.seeds, args.storage or Paths(workdir).optuna_uri, workdir, args.runner)
 
 
@@ -192,7 +193,8 @@ def create_study_once(plan: Plan, cfg: Config) -> Any:
                                 sampler=optuna.samplers.GridSampler(plan.search_space(), seed=0), load_if_exists=True)
     if study.user_attrs.get(ATTR_STUDY) is None:
         for key, value in ((ATTR_STUDY, plan.study.name), (ATTR_PRESET, plan.preset),
-                           (ATTR_DATASET, plan.dataset), (ATTR_OVERRIDES, list(plan.overrides))):
+                           (ATTR_DATASET, plan.dataset), (ATTR_OVERRIDES, list(plan.overrides)),
+                           (ATTR_BUDGET, list(trial_budget(plan.preset)))):
             study.set_user_attr(key, value)
     experiment_id = setup_experiment(cfg, plan.workdir)
     client = MlflowClient()

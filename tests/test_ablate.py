@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from mme.reports.studies import STUDIES, blocking_reason
+from mme.reports.studies import STUDIES, blocking_reason, optuna_study_name
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATE = REPO / "experiments" / "ablate.py"
@@ -194,3 +194,21 @@ def test_trial_dirs_are_distinct_per_setting(tmp_path):
         dirs = {plan.trial_dir(label, seed) for label, seed in plan.points()}
         assert len(dirs) == len(plan.points()), name
         assert all(d.parent == tmp_path / "trials" / plan.name for d in dirs)
+
+
+def test_study_name_separates_budgets_and_overrides(tmp_path):
+    """A trial budget or extra --set is part of the study's identity: a changed budget must start a new
+    study (its finished points are not the new budget's), while the budget-free smoke name stays plain."""
+    ablate = _load_ablate()
+
+    def name(preset: str, *sets: str) -> str:
+        argv = ["--study", "length", "--preset", preset, "--workdir", str(tmp_path)]
+        return ablate.make_plan("length", ablate.parse_args(argv + [a for s in sets for a in ("--set", s)])).name
+
+    assert name("smoke") == "length-smoke-synthetic"
+    mini = name("mini")
+    assert mini.startswith("length-mini-synthetic-b") and mini != "length-mini-synthetic"
+    assert name("mini", "mask.ratio=0.8") not in (mini, name("mini", "mask.ratio=0.7"))
+    assert name("mini", "mask.ratio=0.8").startswith(mini + "-")
+    assert optuna_study_name("length", "mini", "synthetic", budget=("finetune.epochs=3",)) != \
+        optuna_study_name("length", "mini", "synthetic", budget=("finetune.epochs=2",))
