@@ -136,6 +136,11 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     label_smoothing: float = 0.1
+    # Fraction of the tube positions dropped from every training clip (a random tube mask per clip, as in
+    # pre-training); validation and testing always see every token. 0 = the standard recipe. The paper's
+    # ablations "reduce the input patches of fine-tuning to speed up the experiments" (section 4): the
+    # ablation trial budget uses this.
+    token_drop: float = 0.0
     accum_steps: int = 1
     amp: str = "bf16"
 
@@ -203,6 +208,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 # Numeric ranges: key -> (low, high), inclusive.
 RANGES: dict[str, tuple[float, float]] = {
     "mask.ratio": (0.0, 0.99),
+    "finetune.token_drop": (0.0, 0.95),
     "target.length": (1, 32),
     "target.points_per_patch": (1, 64),
     "data.stride": (1, 16),

@@ -112,3 +112,18 @@ def test_classification_dataset_train_and_test_views(extracted_workdir):
     with pytest.raises(ValueError):
         VideoClsDataset(cfg, extracted_workdir, "val", "eval")
     assert np.isfinite(views.numpy()).all()
+
+
+def test_classification_train_items_carry_a_tube_mask_for_token_drop(extracted_workdir):
+    cfg = load_config("smoke", ["finetune.token_drop=0.5"])
+    train = VideoClsDataset(cfg, extracted_workdir, "train", "train")
+    item = train[3]
+    t, side = 4, 4  # smoke: 8 frames / tubelet 2, 64 px / patch 16
+    mask = item["mask"].numpy().reshape(t, side * side)
+    assert mask.dtype == bool and (mask == mask[0]).all() and mask[0].sum() == round(0.5 * side * side)
+    assert torch.equal(item["mask"], train[3]["mask"])  # reproducible per (seed, epoch, index)
+    train.set_epoch(1)
+    assert not torch.equal(item["mask"], train[3]["mask"])
+    plain = VideoClsDataset(load_config("smoke"), extracted_workdir, "train", "train")[3]
+    assert "mask" not in plain and torch.equal(plain["video"], item["video"])  # drawn after the clip
+    assert "mask" not in VideoClsDataset(cfg, extracted_workdir, "val", "test")[0]

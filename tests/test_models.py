@@ -118,6 +118,21 @@ def test_classifier_layout_matches_videomae():
     assert model(torch.randn(2, 3, 4, 32, 32)).shape == (2, 5)
 
 
+def test_classifier_with_dropped_tokens_pools_only_the_kept_ones():
+    """finetune.token_drop: dropped tubelets' pixels cannot change the logits; kept ones do."""
+    torch.manual_seed(0)
+    model = VideoClassifier(5, init_scale=1.0, **SMALL).eval()
+    video, mask = torch.randn(2, 3, 4, 32, 32), random_mask(2, 8, 4)
+    before = model(video, mask)
+    changed = video.clone()
+    for b, token in mask.nonzero().tolist():
+        t, h, w = token // 4, (token // 2) % 2, token % 2
+        changed[b, :, 2 * t:2 * t + 2, 16 * h:16 * h + 16, 16 * w:16 * w + 16] = 100.0
+    torch.testing.assert_close(model(changed, mask), before, rtol=0, atol=0)
+    assert not torch.allclose(model(changed), model(video))
+    assert not torch.allclose(before, model(video))  # dropping tokens changes what is pooled
+
+
 def test_model_args_named_size_and_explicit_override():
     args = model_args(load_config("paper", ["model.name=small"]))
     assert (args["embed_dim"], args["num_heads"], args["decoder_dim"]) == (384, 6, 192)

@@ -62,3 +62,27 @@ def test_four_stages_on_the_smoke_preset(workdir):
         assert by_stage[stage].data.tags["pretrain_run_id"] == pre_id
         assert by_stage[stage].data.params["pretrain_run_id"] == pre_id
     assert "loss_pos" in by_stage["pretrain"].data.metrics and "val_top1" in by_stage["finetune"].data.metrics
+
+
+@pytest.mark.slow
+def test_finetune_token_drop_trains_on_fewer_tokens_and_validates_on_all(workdir, monkeypatch):
+    """finetune.token_drop (the paper's "reduced input patches of fine-tuning"): training batches reach the
+    blocks with that share of the tube positions dropped, validation batches with every token."""
+    from mme.stages import finetune, pretrain
+
+    cfg = load_config("smoke", ["finetune.token_drop=0.5"])
+    pretrain.run(cfg, workdir)
+    seen: list[tuple[bool, int]] = []
+    build = finetune.build_classifier
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.blocks[0].register_forward_hook(lambda mod, inp, _out: seen.append((mod.training, inp[0].shape[1])))
+        return model
+
+    monkeypatch.setattr(finetune, "build_classifier", spy)
+    result = finetune.run(cfg, workdir)
+    t, h, w = cfg.data.num_frames // 2, cfg.data.input_size // 16, cfg.data.input_size // 16
+    assert {n for training, n in seen if training} == {t * round(0.5 * h * w)}
+    assert {n for training, n in seen if not training} == {t * h * w}
+    assert math.isfinite(result["loss"])

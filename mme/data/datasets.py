@@ -199,7 +199,11 @@ TEST_SAMPLING = {"dense": _dense_test, "segment": _segment_test}
 
 
 class VideoClsDataset(Dataset):
-    """Labelled clips: `mode="train"` one random clip/crop; `mode="test"` num_clips x num_crops views (V,3,T,H,W)."""
+    """Labelled clips: `mode="train"` one random clip/crop; `mode="test"` num_clips x num_crops views (V,3,T,H,W).
+
+    In train mode with `finetune.token_drop > 0` an item also has `mask` (N,) bool, True = token dropped:
+    a tube mask of that ratio from the item's rng (reproducible per seed, epoch and index).
+    """
 
     def __init__(self, cfg, workdir: str | Path, split: str, mode: str = "train"):
         if mode not in ("train", "test"):
@@ -234,6 +238,9 @@ class VideoClsDataset(Dataset):
             crop = sample_crop(*frames.shape[1:3], cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg),
                                rng=rng)
             clip = normalize(crop_frames(frames, crop))
+            if cfg.finetune.token_drop > 0:  # drawn last: the clip itself does not depend on it
+                mask = make_mask("tube", cfg.finetune.token_drop, TargetGeometry.from_cfg(cfg).grid, rng)
+                return {"video": clip, "label": int(label), "index": int(index), "mask": torch.from_numpy(mask)}
         else:
             views = []
             for indices in TEST_SAMPLING[cfg.data.sampling](cfg, num_video_frames, index):

@@ -38,6 +38,7 @@ class VideoClassifier(VisionTransformer):
         """(B, N, D) tokens -> (B, num_classes) logits."""
         return self.head(self.head_drop(self.fc_norm(tokens.mean(dim=1))))
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) -> (B, num_classes) logits."""
-        return self.forward_head(self.forward_features(video))
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, num_classes) logits; `mask` (B, N) bool, True = token dropped before the
+        blocks (fine-tuning on fewer input patches), the mean is then over the kept tokens."""
+        return self.forward_head(self.forward_features(video, mask))

@@ -49,7 +49,8 @@ class VideoMixup:
 
 
 class ClassificationLoss:
-    """`compute_loss` for `train_one_epoch`: optional mixup, then (soft-target) cross-entropy."""
+    """`compute_loss` for `train_one_epoch`: optional mixup, then (soft-target) cross-entropy; a batch
+    `mask` (finetune.token_drop) drops those tokens before the encoder blocks."""
 
     def __init__(self, num_classes: int, mixup: float, cutmix: float, label_smoothing: float):
         self.mixup = None
@@ -64,7 +65,7 @@ class ClassificationLoss:
         video, target = batch["video"], batch["label"]
         if self.mixup is not None:
             video, target = self.mixup(video, target)
-        return self.criterion(model(video).float(), target), {}
+        return self.criterion(model(video, batch.get("mask")).float(), target), {}
 
 
 def single_view(cfg: Config) -> Config:
