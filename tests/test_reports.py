@@ -37,7 +37,8 @@ def length_storage(tmp_path) -> str:
     """A SQLite Optuna study shaped like ablate.py's, with known trial attributes."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(storage=url, study_name="length-smoke-synthetic", direction="maximize")
-    for key, value in (("mme_study", "length"), ("preset", "smoke"), ("dataset", "synthetic")):
+    for key, value in (("mme_study", "length"), ("preset", "smoke"), ("dataset", "synthetic"),
+                       ("trial_budget", ["finetune.epochs=2"])):
         study.set_user_attr(key, value)
     study.add_trials([
         _trial("L=4", 0, **_metrics(60.0, 80.0, 30.0, 10.0)),
@@ -129,6 +130,7 @@ def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smo
     assert "| L=4 | 2 | 61.00 ± 1.41 |" in (workdir / "reports/tables/table7a_length.md").read_text()
     readme = (workdir / "reports/README.md").read_text()
     assert "Table 7a" in readme and "Spearman" in readme and "+0.50" in readme
+    assert "Trial budget of `length-smoke-synthetic`: `finetune.epochs=2`." in readme
     assert json.loads((workdir / "reports/metrics/report.json").read_text())["trials"] == {"table7a_length": 4}
 
 

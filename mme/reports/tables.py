@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mme.reports.reference import paper_value
-from mme.reports.studies import ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
+from mme.reports.studies import ATTR_BUDGET, ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
 
 COLUMNS = [
     "setting", "n_seeds", "ft_top1_mean", "ft_top1_std", "ft_top5_mean", "ft_top5_std",
@@ -34,6 +34,7 @@ class StudyTable:
     dataset: str
     rows: pd.DataFrame  # COLUMNS, one row per setting
     trials_counted: int  # COMPLETE trials after de-duplication
+    budget: tuple[str, ...] = ()  # the trial-budget overrides the study ran with (TRIAL_BUDGET)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def load_tables(storage: Any) -> list[StudyTable]:
         study = get_study(attrs[ATTR_STUDY])
         preset, dataset = attrs.get(ATTR_PRESET, "?"), attrs.get(ATTR_DATASET, "?")
         rows = summarize(records, study, preset, dataset, name)
-        tables.append(StudyTable(study, name, preset, dataset, rows, len(records)))
+        budget = tuple(attrs.get(ATTR_BUDGET, ()))
+        tables.append(StudyTable(study, name, preset, dataset, rows, len(records), budget))
     return tables
 
 

@@ -77,6 +77,8 @@ def _readme_section(study: Any, group: list[tables.StudyTable]) -> str:
     for table in group:
         for metric in dict.fromkeys((study.objective, "probe_top1")):  # the objective, then the linear probe
             lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric))}")
+        budget = ", ".join(f"`{item}`" for item in table.budget) or f"the `{table.preset}` preset's own epochs"
+        lines.append(f"- Trial budget of `{table.optuna_study}`: {budget}.")
     if study.notes:
         lines.append(f"- Note: {study.notes}")
     lines.append("")
