@@ -25,6 +25,7 @@ size. A from-scratch ViT needs far fewer updates to learn the motion classes whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import multiprocessing as mp
@@ -36,6 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mme.config import CHOICES
 from mme.data.video import VideoError, video_info
 from mme.utils import atomic_path, write_json
 
@@ -61,7 +63,9 @@ PAN_SPEED = (0.05, 0.25)    # camera pan, px/frame at REF_SIZE
 JITTER = (0.3, 1.2)         # distractor shake amplitude, px at REF_SIZE
 SHAPES = ("circle", "ellipse", "triangle", "square", "pentagon", "hexagon", "star", "cross")
 PATTERNS = ("stripes", "checker", "dots", "split")
-APPEARANCES = ("random", "shared")
+APPEARANCES = CHOICES["data.synthetic.appearance"]  # one list, validated by the config too
+# SyntheticConfig fields that do not change any video (video i depends only on the seed, i and the rest).
+NOT_IN_META = ("num_videos", "workers")
 
 
 @dataclass
@@ -493,8 +497,7 @@ def generate_counted(out_dir: str | Path, cfg, seed: int, progress: bool = True)
     out_dir = Path(out_dir)
     videos = out_dir / "videos"
     meta = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "classes": list(CLASSES),
-            **{k: getattr(cfg, k) for k in ("num_frames", "size", "fps", "distractors", "camera_pan", "zoom",
-                                           "appearance")}}
+            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_IN_META}}
     meta_path = out_dir / META_FILE
     if not (meta_path.is_file() and json.loads(meta_path.read_text()) == meta):
         shutil.rmtree(videos, ignore_errors=True)  # made with other parameters: none of it may be reused
