@@ -118,6 +118,18 @@ def test_ordering_reports_ties_and_disagreement():
     assert "tie for best" in tables.agreement_text(tied, result)
 
 
+def test_a_metric_at_chance_is_called_out():
+    """Fine-tune top-1 of 8.3-9.0 % on 12 classes ranks nothing; 70 vs 60 % does."""
+    study = get_study("norm")
+    rows = pd.DataFrame({"setting": ["w/o patch norm", "w/ patch norm"], "n_seeds": [2, 2],
+                         "ft_top1_mean": [9.0, 8.33], "ft_top1_std": [0.5, 0.0], "paper_top1": [62.1, 64.1]})
+    at_chance = tables.StudyTable(study, "n", "mini", "synthetic", rows, 4)
+    assert "within 2 points of chance (8.3 %)" in tables.agreement_text(at_chance, tables.ordering(at_chance), 100 / 12)
+    assert "chance" not in tables.agreement_text(at_chance, tables.ordering(at_chance))  # class count unknown
+    learnt = tables.StudyTable(study, "n", "mini", "synthetic", rows.assign(ft_top1_mean=[70.0, 60.0]), 4)
+    assert "chance" not in tables.agreement_text(learnt, tables.ordering(learnt), 100 / 12)
+
+
 def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smoke_cfg):
     workdir = tmp_path / "work"
     result = report.run(smoke_cfg, workdir, storage=length_storage)
@@ -131,6 +143,7 @@ def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smo
     readme = (workdir / "reports/README.md").read_text()
     assert "Table 7a" in readme and "Spearman" in readme and "+0.50" in readme
     assert "Trial budget of `length-smoke-synthetic`: `finetune.epochs=2`." in readme
+    assert "chance" not in readme  # no class list in this workdir: chance unknown, nothing claimed
     assert json.loads((workdir / "reports/metrics/report.json").read_text())["trials"] == {"table7a_length": 4}
 
 

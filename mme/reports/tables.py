@@ -189,8 +189,16 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def agreement_text(table: StudyTable, result: Ordering) -> str:
-    """Plain-words statement of whether the measured ordering agrees with the paper's."""
+# A top-1 mean this close to chance (percentage points) says nothing about the ordering of settings.
+CHANCE_MARGIN = 2.0
+
+
+def agreement_text(table: StudyTable, result: Ordering, chance: float | None = None) -> str:
+    """Plain-words statement of whether the measured ordering agrees with the paper's.
+
+    `chance`: top-1 of guessing (100 / number of classes), if known; a top-1 metric whose every setting
+    is within CHANCE_MARGIN points of it is called out as not ranking anything.
+    """
     seeds = sorted(set(table.rows["n_seeds"]) - {0})
     where = (f"Study `{table.optuna_study}` (preset `{table.preset}`, dataset `{table.dataset}`, "
              f"{'/'.join(map(str, seeds)) or '0'} seed(s) per setting, {table.trials_counted} trials), by "
@@ -219,6 +227,12 @@ def agreement_text(table: StudyTable, result: Ordering) -> str:
                      "measured winner is not clearly separated.")
     if result.best_overall and result.best_overall not in result.settings:
         extra.append(f"Including rows the paper lacks, the measured best is {result.best_overall}.")
+    values = table.rows[result.metric].dropna()
+    if chance is not None and result.metric.endswith("top1_mean") and len(values) and \
+            (values - chance).abs().max() <= CHANCE_MARGIN:
+        extra.append(f"**Every setting is within {CHANCE_MARGIN:g} points of chance ({chance:.1f} %)**: at this "
+                     "budget this metric does not rank the settings, so the statements above carry no evidence "
+                     "for or against the paper.")
     return " ".join([where, best, rank, *extra])
 
 

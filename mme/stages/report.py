@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from mme.config import Config
+from mme.data.lists import read_classes
 from mme.paths import Paths
 from mme.reports import plots, tables
 from mme.reports.studies import STUDIES, open_storage, storage_exists
@@ -50,7 +51,7 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
             continue
         rows = pd.concat([t.rows for t in group], ignore_index=True)
         _write_table(paths, study.file, rows, study.objective, f"{study.title} (Table {study.table})")
-        sections.append(_readme_section(study, group))
+        sections.append(_readme_section(study, group, paths))
         summary["tables"].append(f"tables/{study.file}.csv")
         summary["trials"][study.file] = sum(t.trials_counted for t in group)
     summary["trials_total"] = sum(summary["trials"].values())
@@ -69,14 +70,23 @@ def _write_table(paths: Paths, file: str, rows: pd.DataFrame, objective: str, ti
         plots.bar_chart(rows, "probe_top1", f"{title} (linear probe)", paths.figures_dir / f"{file}_probe.png")
 
 
-def _readme_section(study: Any, group: list[tables.StudyTable]) -> str:
+def chance_top1(paths: Paths, dataset: str) -> float | None:
+    """100 / number of classes of `dataset` in this workdir's lists, or None if it has no class file."""
+    try:
+        return 100.0 / len(read_classes(paths.lists_dir(dataset)))
+    except (FileNotFoundError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _readme_section(study: Any, group: list[tables.StudyTable], paths: Paths) -> str:
     lines = [f"## Table {study.table}: {study.title}", "",
              f"[csv](tables/{study.file}.csv) · [markdown](tables/{study.file}.md) · "
              f"[chart](figures/{study.file}.png)"
              + ("" if study.objective == "probe_top1" else f" · [probe chart](figures/{study.file}_probe.png)"), ""]
     for table in group:
         for metric in dict.fromkeys((study.objective, "probe_top1")):  # the objective, then the linear probe
-            lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric))}")
+            chance = chance_top1(paths, table.dataset)
+            lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric), chance)}")
         budget = ", ".join(f"`{item}`" for item in table.budget) or f"the `{table.preset}` preset's own epochs"
         lines.append(f"- Trial budget of `{table.optuna_study}`: {budget}.")
     if study.notes:
