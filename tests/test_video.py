@@ -127,3 +127,16 @@ def test_broken_files_raise_video_error_naming_the_file(clip_file, tmp_path, kin
         read_frames(path, [0])
     with pytest.raises(VideoError, match=f"{kind}.mp4"):
         probe_video(path)
+
+
+def test_reads_without_decord_installed(clip_file, monkeypatch):
+    """Where decord has no wheel (aarch64, Apple silicon) it is not installed: importing it fails and every read
+    goes through OpenCV with the same frames and count."""
+    import sys
+
+    indices = [0, 9, 4, 19]
+    reference = read_frames(clip_file, indices).astype(int)
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    assert video._open_decord(clip_file) is None
+    assert np.abs(read_frames(clip_file, indices).astype(int) - reference).max() <= 3
+    assert video_info(clip_file).num_frames == NUM_FRAMES
