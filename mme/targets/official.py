@@ -17,7 +17,10 @@ Every difference is listed, with what is and is not reproduced, in docs/official
   votes between the two neighbouring bin centres, mean over the
   8x8 cell, no normalisation; columns ordered (channel, bin, cell row, cell column), not patch-normalised.
 
-The computation is `official_parts(frames, flow, geometry)`, a function of tensors; the spec adapts it to
+The official code has one tracking mode and one density: `target.interpolate` and `target.density` do not
+apply to this kind (it always tracks the dense video and keeps all K points).
+
+The computation is `official_parts(frames, middle, flow, geometry)`, a function of tensors; the spec adapts it to
 `TargetInputs`. It tracks on the augmented clip's flow like every kind here (see the docs for why).
 """
 
@@ -90,8 +93,9 @@ def track_integer(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor,
 def official_position(displacement: torch.Tensor, patch_norm: bool) -> torch.Tensor:
     """(N, K, L, 2) displacements of each token's K points -> (N, 2*L*K) ordered (coordinate, step, point)."""
     x = displacement.permute(0, 3, 2, 1) / DISPLACEMENT_SCALE  # (N, 2, L, K)
-    if patch_norm:
-        x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, unbiased=True, keepdim=True) + STD_EPS)
+    if patch_norm:  # one point (K = 1) has no spread: its values become 0
+        spread = x.std(-1, unbiased=True, keepdim=True) if x.shape[-1] > 1 else torch.zeros_like(x)
+        x = (x - x.mean(-1, keepdim=True)) / (spread + STD_EPS)
     return x.reshape(len(x), -1)
 
 
@@ -142,22 +146,13 @@ class OfficialTrajectoryTarget(TargetSpec):
     name = "traj_official"
     needs_flow = True
 
-    @staticmethod
-    def _check(geo: TargetGeometry) -> None:
-        if not geo.interpolate or geo.density != "dense" or geo.points < 2:
-            raise ValueError("target.kind=traj_official tracks the dense video with K >= 2 points per patch, "
-                             "as the official code: set target.interpolate=true, target.density=dense, "
-                             f"target.points_per_patch >= 4 (got {geo.interpolate}, {geo.density}, {geo.points})")
-
     def parts(self, cfg) -> dict[str, int]:
         geo = TargetGeometry.from_cfg(cfg)
-        self._check(geo)
         return {"hog": 3 * HOG_BINS * (geo.patch // HOG_CELL) ** 2, "pos": 2 * geo.length * geo.points}
 
     def flow_pairs(self, geo: TargetGeometry) -> int:
         return geo.slot_offsets[-1] + geo.length
 
     def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
-        self._check(geo)
         middle = inputs.rows(geo.tube_frames(dense=False).reshape(-1))
         return official_parts(inputs.frames, middle, inputs.flow, geo)
