@@ -63,6 +63,7 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     num_workers: int = 2
+    avoid_cuts: bool = True  # prefer training clips whose window holds no shot cut (mme/motion/shots.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -82,6 +83,8 @@ class TargetConfig:
     patch_norm: bool = True
     density: str = "dense"
     median_filter: bool = False
+    fb_check: bool = False  # forward-backward flow consistency ends occluded tracks (mme/motion/consistency.py)
+    prune: bool = False  # dense-trajectory pruning of sudden jumps (mme/motion/consistency.py)
 
 
 @dataclass
@@ -196,7 +199,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.synthetic.appearance": ("random", "shared"),
     "data.split": (1, 2, 3),
     "flow.backend": ("farneback", "dis", "tvl1"),
-    "target.kind": ("pixel", "hog", "hog+flow", "hog+hof", "hog+mbh", "hog+traj_pos", "traj", "motionmae"),
+    "target.kind": ("pixel", "hog", "hog+flow", "hog+hof", "hog+mbh", "hog+traj_pos", "traj", "motionmae",
+                    "traj_official"),
     "target.density": ("dense", "max", "mean"),
     "mask.kind": ("tube", "cube", "random"),
     "model.name": ("smoke", "tiny", "small", "base"),

@@ -3,12 +3,20 @@
 File format (version 1): an `.npz` archive as `np.savez_compressed` writes it (a zip of deflated `.npy`
 members, no pickles, read with `np.load`), written at zlib level 1 instead of numpy's fixed 6:
 - `meta`: a 0-d unicode array holding a JSON object: `format_version`, `num_pairs`, `num_frames`,
-  `height`, `width`, `scale` (codes per pixel), `chunk_pairs`, `clamped` (values clamped on save), and
-  what the writer adds (the extract stage: `backend`, `compensate_camera`, `short_side`, `source`,
-  `source_bytes`).
+  `height`, `width`, `scale` (codes per pixel), `chunk_pairs`, `clamped` (values clamped on save),
+  `backward` (whether backward flow is stored), and what the writer adds (the extract stage: `backend`,
+  `compensate_camera`, `short_side`, `source`, `source_bytes`, `shot_detector`, `cuts`).
 - `flow_00000`, `flow_00001`, ...: int16 codes of consecutive chunks of `chunk_pairs` frame pairs (the last
   chunk may be shorter), stored component-planar `(n, 2, H, W)` (all dx, then all dy), so reading a window
   decompresses only the chunks it overlaps, each only up to the last pair it needs.
+- `back_00000`, ... (only when `backward`): the backward flow in the same layout; backward pair `i` maps
+  frame `i + 1` back to frame `i` (`FlowCache.window(..., backward=True)`). The forward-backward check of
+  the targets reads it; extract stores it when `target.fb_check` is on.
+
+Shot cuts: `meta["cuts"]` lists the cut indices `c` (frames `c-1` and `c` are different shots, see
+`mme.motion.shots`), `meta["shot_detector"]` the detector version that found them. A cache written before
+cut detection has neither: `FlowCache.cuts` is then None ("unknown") and warns once per process; re-running
+`mme extract` redoes such caches (the stage expects the detector version).
 
 Why level 1 and planar: on mini videos (DIS, 128 px) level 6 took 4-5x longer than the flow itself, and
 planar codes at level 1 are as small as interleaved ones at level 6 (benchmarks/bench_extract.py).
@@ -24,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -59,11 +68,22 @@ def flow_cache_path(workdir: str | Path, dataset: str, rel_video_path: str) -> P
     return Paths(workdir).flow_dir(dataset) / f"{video_key(rel_video_path, dataset)}.npz"
 
 
-def expected_meta(backend: str, compensate_camera: bool, short_side: int) -> dict[str, Any]:
+def expected_meta(backend: str, compensate_camera: bool, short_side: int, *, backward: bool = False,
+                  shot_detector: int | None = None) -> dict[str, Any]:
     """The metadata a cache made with these settings carries; pass it to `cache_problem`/`is_valid_cache`
-    as `expected` so a cache made with another backend or at another resolution is not taken."""
-    return {"format_version": FORMAT_VERSION, "backend": backend, "compensate_camera": bool(compensate_camera),
-            "short_side": int(short_side)}
+    as `expected` so a cache made with another backend or at another resolution is not taken.
+
+    `backward`: also require stored backward flow (a cache with it serves a reader without the need too).
+    `shot_detector`: also require cuts found by this detector version (`mme.motion.shots.SHOT_DETECTOR`);
+    None accepts a cache without cuts, whose `FlowCache.cuts` is then None.
+    """
+    expected = {"format_version": FORMAT_VERSION, "backend": backend, "compensate_camera": bool(compensate_camera),
+                "short_side": int(short_side)}
+    if backward:
+        expected["backward"] = True
+    if shot_detector is not None:
+        expected["shot_detector"] = int(shot_detector)
+    return expected
 
 
 def quantize_flow(flow: np.ndarray) -> tuple[np.ndarray, int]:
@@ -74,28 +94,50 @@ def quantize_flow(flow: np.ndarray) -> tuple[np.ndarray, int]:
     return np.clip(scaled, -limit, limit).astype(np.int16), clamped
 
 
-def _chunk_name(index: int) -> str:
-    return f"flow_{index:05d}"
+FORWARD, BACKWARD = "flow", "back"  # chunk member prefixes
 
 
-def save_flow(path: str | Path, flow: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write flow (S, H, W, 2) float pixels and `meta` (JSON-serialisable) atomically to `path`."""
+def _chunk_name(index: int, prefix: str = FORWARD) -> str:
+    return f"{prefix}_{index:05d}"
+
+
+def _chunks(codes: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
+    planar = np.moveaxis(codes, -1, 1)  # (S, 2, H, W)
+    return {_chunk_name(k, prefix): np.ascontiguousarray(planar[start:start + CHUNK_PAIRS])
+            for k, start in enumerate(range(0, len(codes), CHUNK_PAIRS))}
+
+
+def _checked_flow(path: str | Path, flow: np.ndarray, what: str) -> np.ndarray:
     flow = np.asarray(flow)
     if flow.ndim != 4 or flow.shape[-1] != 2 or len(flow) == 0:
-        raise ValueError(f"flow for {path} must have shape (S>=1, H, W, 2), got {flow.shape}")
+        raise ValueError(f"{what} for {path} must have shape (S>=1, H, W, 2), got {flow.shape}")
     if not np.all(np.isfinite(flow)):
-        raise ValueError(f"flow for {path} holds NaN or infinite values; refusing to cache it")
+        raise ValueError(f"{what} for {path} holds NaN or infinite values; refusing to cache it")
+    return flow
+
+
+def save_flow(path: str | Path, flow: np.ndarray, meta: dict[str, Any], backward: np.ndarray | None = None) -> None:
+    """Write flow (S, H, W, 2) float pixels and `meta` (JSON-serialisable) atomically to `path`.
+
+    `backward`: optional backward flow of the same shape (pair i maps frame i+1 to frame i), stored too.
+    """
+    flow = _checked_flow(path, flow, "flow")
     codes, clamped = quantize_flow(flow)
     num_pairs, height, width = codes.shape[:3]
+    members = _chunks(codes, FORWARD)
+    if backward is not None:
+        backward = _checked_flow(path, backward, "backward flow")
+        if backward.shape != flow.shape:
+            raise ValueError(f"backward flow for {path} is {backward.shape}, the forward flow {flow.shape}")
+        back_codes, back_clamped = quantize_flow(backward)
+        members |= _chunks(back_codes, BACKWARD)
+        clamped += back_clamped
     layout = {"format_version": FORMAT_VERSION, "num_pairs": num_pairs, "num_frames": num_pairs + 1,
               "height": height, "width": width, "scale": FLOW_SCALE, "chunk_pairs": CHUNK_PAIRS,
-              "clamped": clamped}
-    for key in ("num_pairs", "num_frames", "height", "width"):
+              "clamped": clamped, "backward": backward is not None}
+    for key in ("num_pairs", "num_frames", "height", "width", "backward"):
         if key in meta and meta[key] != layout[key]:
             raise ValueError(f"meta[{key!r}]={meta[key]} for {path} disagrees with the flow's {layout[key]}")
-    planar = np.moveaxis(codes, -1, 1)  # (S, 2, H, W)
-    members = {_chunk_name(k): np.ascontiguousarray(planar[start:start + CHUNK_PAIRS])
-               for k, start in enumerate(range(0, num_pairs, CHUNK_PAIRS))}
     members["meta"] = np.array(json.dumps({**meta, **layout}, sort_keys=True))
     with atomic_path(path) as tmp:
         _write_npz(tmp, members)
@@ -127,11 +169,29 @@ class FlowCache:
         self._chunk = int(meta["chunk_pairs"])
         self._scale = float(meta["scale"])
 
-    def window(self, start: int, stop: int) -> np.ndarray:
+    @property
+    def has_backward(self) -> bool:
+        return bool(self.meta.get("backward", False))
+
+    @property
+    def cuts(self) -> list[int] | None:
+        """Shot-cut indices of the video (see the module docstring), or None when the cache predates cut
+        detection ("unknown"; warns once per process)."""
+        cuts = self.meta.get("cuts")
+        if cuts is None:
+            _warn_no_cuts(self.path)
+            return None
+        return [int(c) for c in cuts]
+
+    def window(self, start: int, stop: int, backward: bool = False) -> np.ndarray:
         """Flow of pairs `start .. stop-1` as float32 pixels, (stop - start, H, W, 2).
 
-        Pair `i` is the flow from frame `i` to frame `i + 1` of the video.
+        Pair `i` is the flow from frame `i` to frame `i + 1` of the video; with `backward`, from frame
+        `i + 1` back to frame `i`.
         """
+        if backward and not self.has_backward:
+            raise CacheError(f"flow cache {self.path} holds no backward flow; re-run `mme extract` with "
+                             "target.fb_check=true")
         if not 0 <= start <= stop <= self.num_pairs:
             raise IndexError(f"flow window [{start}, {stop}) is outside the {self.num_pairs} pairs of {self.path}")
         if start == stop:
@@ -143,7 +203,7 @@ class FlowCache:
                 for k in range(start // self._chunk, (stop - 1) // self._chunk + 1):
                     first = k * self._chunk
                     skip, end = max(start - first, 0), min(stop - first, self._chunk)
-                    member = archive.getinfo(f"{_chunk_name(k)}.npy")
+                    member = archive.getinfo(f"{_chunk_name(k, BACKWARD if backward else FORWARD)}.npy")
                     codes = _read_pairs(file, member, skip, end, (2, height, width))
                     _dequantize(codes, np.float32(1.0 / self._scale), flow[first + skip - start:first + end - start])
         except READ_ERRORS as exc:
@@ -152,6 +212,17 @@ class FlowCache:
 
     def __repr__(self) -> str:
         return f"FlowCache({str(self.path)!r}, shape={self.shape}, backend={self.meta.get('backend')!r})"
+
+
+_WARNED_NO_CUTS: list[Path] = []
+
+
+def _warn_no_cuts(path: Path) -> None:
+    if not _WARNED_NO_CUTS:
+        _WARNED_NO_CUTS.append(path)
+        warnings.warn(f"flow cache {path} (and maybe others) was written without shot-cut detection: its cuts "
+                      "are unknown and trajectories across a cut are not masked; re-run `mme extract` to "
+                      "redo such caches", stacklevel=3)
 
 
 def _read_pairs(file: BinaryIO, info: zipfile.ZipInfo, skip: int, end: int, pair_shape: tuple[int, ...]) -> np.ndarray:
@@ -248,13 +319,14 @@ def cache_problem(path: str | Path, expected: dict[str, Any] | None = None, deep
                 if meta.get(key) != value:
                     return f"{key} is {meta.get(key)!r}, expected {value!r}"
             height, width, chunk = meta["height"], meta["width"], meta["chunk_pairs"]
-            remaining = meta["num_pairs"]
-            for k in range((remaining + chunk - 1) // chunk):
-                shape, dtype = _member_header(archive, _chunk_name(k))
-                want = (min(chunk, remaining), 2, height, width)
-                if shape != want or dtype != np.int16:
-                    return f"chunk {k} is {shape} {dtype}, expected {want} int16"
-                remaining -= chunk
+            for prefix in (FORWARD, BACKWARD) if meta.get("backward") else (FORWARD,):
+                remaining = meta["num_pairs"]
+                for k in range((remaining + chunk - 1) // chunk):
+                    shape, dtype = _member_header(archive, _chunk_name(k, prefix))
+                    want = (min(chunk, remaining), 2, height, width)
+                    if shape != want or dtype != np.int16:
+                        return f"chunk {_chunk_name(k, prefix)} is {shape} {dtype}, expected {want} int16"
+                    remaining -= chunk
             if deep:
                 bad = archive.zip.testzip()
                 if bad is not None:

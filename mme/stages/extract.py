@@ -3,10 +3,13 @@
 For each video of the dataset's train/val/test lists (each video once): decode every frame with
 `read_frames(path, range(n), short_side=cfg.data.short_side)` -- the call the datasets make, so flow and
 clips share their geometry -- compute the flow of every consecutive pair (`cfg.flow.backend`, optional
-camera compensation) and save it to `data/flow/<dataset>/<video_key>.npz`.
+camera compensation) and save it to `data/flow/<dataset>/<video_key>.npz`, with the video's shot cuts
+(`mme.motion.shots.detect_cuts` on the frames and the flow) in its metadata, and with `target.fb_check` the
+backward flow of every pair as well (the forward-backward occlusion check reads it).
 
 The stage is resumable: a video whose cache is complete and was made with the same settings is reused; a
-missing, truncated, corrupt or stale one is (re)done. `--shard i/N` takes every N-th video starting at the
+missing, truncated, corrupt or stale one is (re)done; so is one written before cut detection, or without
+backward flow when `target.fb_check` needs it. `--shard i/N` takes every N-th video starting at the
 i-th, so N machines can share a dataset. A video that cannot be read is named, skipped, and listed in
 `reports/skipped.txt` and the metrics; the stage fails only when no video at all has a flow cache.
 Metrics go to `reports/metrics/extract.json` (`extract-shard-<i>-of-<N>.json` for a shard) and MLflow.
@@ -30,6 +33,7 @@ from mme.data.video import VideoError, read_frames, video_info
 from mme.engine.tracking import log_metrics, stage_run
 from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow, save_flow
 from mme.motion.flow import FlowEstimator
+from mme.motion.shots import SHOT_DETECTOR, detect_cuts
 from mme.paths import Paths
 from mme.utils import record_skipped, write_json
 
@@ -50,9 +54,11 @@ class FlowSettings:
     backend: str
     compensate_camera: bool
     short_side: int
+    backward: bool = False
 
     def expected_meta(self) -> dict[str, Any]:
-        return expected_meta(self.backend, self.compensate_camera, self.short_side)
+        return expected_meta(self.backend, self.compensate_camera, self.short_side, backward=self.backward,
+                             shot_detector=SHOT_DETECTOR)
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,8 @@ def process_video(job: VideoJob, settings: FlowSettings) -> dict[str, Any]:
     """Reuse or (re)make one video's flow cache.
 
     Returns a record with `video`, `status` (`reused`, `extracted` or `skipped`), and for a cache that
-    exists afterwards `pairs`, `bytes`, `float32_bytes`; `reason` for a skip or a redo, `seconds` of work.
+    exists afterwards `pairs`, `cuts` (shot cuts found), `bytes`, `float32_bytes`; `reason` for a skip or
+    a redo, `seconds` of work.
     """
     start = time.perf_counter()
     record: dict[str, Any] = {"video": job.rel}
@@ -123,17 +130,21 @@ def process_video(job: VideoJob, settings: FlowSettings) -> dict[str, Any]:
                 raise VideoError(f"video {job.video} has only {num_frames} frame; flow needs at least 2")
             frames = read_frames(job.video, range(num_frames), short_side=settings.short_side)
             flow = _estimator(settings)(frames)
+            # Backward pair i (frame i+1 -> i) is pair T-2-i of the reversed video.
+            backward = _estimator(settings)(frames[::-1].copy())[::-1] if settings.backward else None
+            cuts = detect_cuts(frames, flow)
             _remove_stale_temps(job.cache)
-            save_flow(job.cache, flow, {**settings.expected_meta(), "source": job.rel,
-                                        "source_bytes": job.video.stat().st_size})
+            save_flow(job.cache, flow, {**settings.expected_meta(), "source": job.rel, "cuts": cuts,
+                                        "source_bytes": job.video.stat().st_size}, backward=backward)
         except VIDEO_FAILURES as exc:
             # A stale cache of a video that can no longer be read must not pass for its flow.
             job.cache.unlink(missing_ok=True)
             return record | {"status": "skipped", "reason": str(exc) or type(exc).__name__,
                              "seconds": time.perf_counter() - start}
         record["status"] = "extracted"
-    num_pairs, height, width, _ = load_flow(job.cache).shape
-    return record | {"pairs": num_pairs, "bytes": job.cache.stat().st_size,
+    stored = load_flow(job.cache)
+    num_pairs, height, width, _ = stored.shape
+    return record | {"pairs": num_pairs, "cuts": len(stored.meta.get("cuts", [])), "bytes": job.cache.stat().st_size,
                      "float32_bytes": num_pairs * height * width * 2 * FLOAT32_BYTES,
                      "seconds": time.perf_counter() - start}
 
@@ -178,6 +189,7 @@ def _summary(num_videos: int, records: list[dict[str, Any]], skipped: list[tuple
         "num_skipped": len(skipped),
         "redone": sorted(r["video"] for r in extracted if "reason" in r),
         "frame_pairs": sum(r["pairs"] for r in done),
+        "shot_cuts": sum(r["cuts"] for r in done),
         "extracted_pairs": extracted_pairs,
         "seconds": round(seconds, 3),
         "pairs_per_s": round(extracted_pairs / seconds, 1) if extracted_pairs else 0.0,
@@ -208,7 +220,7 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
     dataset = cfg.data.dataset
     shard_index, shard_count = parse_shard(shard)
     workers = cfg.flow.workers if workers is None else workers
-    settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
+    settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
     videos = listed_videos(paths, dataset)[shard_index::shard_count]
     jobs, skipped = _plan(paths.workdir, dataset, videos)
     label = "extract" if shard_count == 1 else f"extract-shard-{shard_index}-of-{shard_count}"

@@ -10,13 +10,14 @@
 | `hog+mbh`      | hog, mbh 72 per frame                                                      | yes  |
 | `hog+traj_pos` | hog 36 (middle frame), pos K*L*2 = 48                                      | yes  |
 | `traj` (MME)   | pos K*L*2 = 48, shape K*L*9 = 216 (total 264)                              | yes  |
+| `traj_official`| hog 108 (middle frame, per RGB channel), pos 2*L*K = 48 (the released code) | yes  |
 
 `target.density` max/mean reduce K to 1 in `pos` and `shape`. See `mme.targets.trajectory` (MME, DESIGN.md
 section 4) and `mme.targets.appearance` (baselines) for the exact definitions, `mme.targets.base` for the
 geometry, the inputs and the patch norm.
 """
 
-from mme.targets import appearance, trajectory  # noqa: F401  (registers the kinds)
+from mme.targets import appearance, official, trajectory  # noqa: F401  (registers the kinds)
 from mme.targets.base import (
     PATCH_NORM_EPS,
     TARGETS,
