@@ -29,7 +29,8 @@ RESAMPLES = 10_000
 LEVEL = 0.95
 
 AHEAD, BEHIND, NOT_SEPARATED = "ahead", "behind", "not separated"
-INSUFFICIENT_SEEDS, NO_FLOOR, REFERENCE, NO_PER_CLIP = "insufficient seeds", "no floor", "reference", "no per-clip data"
+INSUFFICIENT_SEEDS, NO_FLOOR, REFERENCE = "insufficient seeds", "no floor", "reference"
+NO_PER_CLIP, NO_REFERENCE = "no per-clip data", "no reference"  # set by the table builder
 
 # Resamples drawn per block: bounds the temporary index matrix at BLOCK x clips integers.
 BLOCK = 2_000
