@@ -2,7 +2,8 @@
 trained on the train split, the grid point is chosen on VAL, and only then is the test split predicted.
 
 Features are computed once per encoder (token features (n, N, D), or pooled (n, D) for the linear
-probe) and handed in as tensors; every grid point starts from the same seeded initialisation and sees
+probe) and handed in as tensors (any dtype, e.g. float16 to halve the memory; the head trains in
+float32 on the features' device). Every grid point starts from the same seeded initialisation and sees
 the same seeded batch order, so a fit is reproducible and grid points differ only by their
 hyper-parameters. AdamW (no decay on biases, norms, queries) with a per-update cosine schedule and a
 linear warm-up.
@@ -35,9 +36,11 @@ class ProbeGrid:
 
 @torch.no_grad()
 def predict(head: nn.Module, feats: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Predicted class per clip: (n, ...) features -> (n,) int64."""
+    """Predicted class per clip: (n, ...) features -> (n,) int64 on the features' device."""
     head.eval()
-    return torch.cat([head(feats[i:i + batch_size].float()).argmax(dim=-1) for i in range(0, len(feats), batch_size)])
+    device = next(head.parameters()).device
+    return torch.cat([head(feats[i:i + batch_size].to(device).float()).argmax(dim=-1).to(feats.device)
+                      for i in range(0, len(feats), batch_size)])
 
 
 def top1(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
@@ -94,7 +97,7 @@ def fit_probe(kind: str, train_feats: torch.Tensor, train_labels: torch.Tensor, 
         for epochs in grid.epochs:
             with torch.random.fork_rng():  # the same initialisation for every grid point
                 torch.manual_seed(seed)
-                head = build_head(kind, train_feats.shape[-1], classes, **grid.head_args)
+                head = build_head(kind, train_feats.shape[-1], classes, **grid.head_args).to(train_feats.device)
             curve = train_head(head, train_feats, train_labels, lr, epochs, grid, seed, (val_feats, val_labels))
             curves[(lr, epochs)] = curve
             if best is None or curve[-1] > best[0]:
