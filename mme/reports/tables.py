@@ -34,6 +34,7 @@ COLUMNS = [
     "setting", "n_seeds", "ft_top1_mean", "ft_top1_std", "ft_top5_mean", "ft_top5_std",
     "probe_top1_mean", "probe_top1_std", "pretrain_seconds_mean", "paper_top1", "paper_top5",
     "preset", "dataset", "pretrain_loss_mean", "paper_setting", "optuna_study",
+    "attentive_top1_mean", "attentive_top1_std",
 ]
 
 # Metrics that get bootstrap statistics when the trials stored per-clip results for them.
@@ -126,9 +127,10 @@ def summarize(records: pd.DataFrame, study: Study, preset: str, dataset: str, op
         group = records[records["setting"] == label]
         paper_label = study.setting(label).paper if label in study.labels else None
         row: dict[str, Any] = {"setting": label, "n_seeds": len(group)}
-        for metric in ("ft_top1", "ft_top5", "probe_top1"):
-            row[f"{metric}_mean"] = _mean(group[metric])
-            row[f"{metric}_std"] = _std(group[metric])
+        for metric in ("ft_top1", "ft_top5", "probe_top1", "attentive_top1"):
+            values = group[metric] if metric in group else pd.Series(dtype=float)  # a metric older trials lack
+            row[f"{metric}_mean"] = _mean(values)
+            row[f"{metric}_std"] = _std(values)
         row["pretrain_seconds_mean"] = _mean(group["pretrain_seconds"])
         row["paper_top1"] = paper_value(study.paper_study, paper_label, "top1")
         row["paper_top5"] = paper_value(study.paper_study, paper_label, "top5")
