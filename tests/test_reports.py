@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -154,3 +155,106 @@ def test_report_without_trials_writes_no_table(tmp_path, smoke_cfg, capsys):
     assert not (tmp_path / "optuna.db").exists()  # reading must not create an empty store
     assert not (tmp_path / "reports/tables").exists() and not (tmp_path / "reports/README.md").exists()
     assert (tmp_path / "reports/metrics/report.json").exists()  # the DVC stage declares this metrics file
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics columns from per-clip trial records
+
+CLIP_IDS = tuple(f"v{i:04d}" for i in range(1200))
+
+
+def _clip_trial(setting: str, seed: int, p: float, rng, number_of_clips: int = 1200, scores=None):
+    """A COMPLETE trial whose per-clip probe/ft correctness is Bernoulli(p) (or `scores`), attrs = their means."""
+    from mme.reports import per_clip
+
+    correct = scores if scores is not None else (rng.random(number_of_clips) < p).astype(float)
+    record = per_clip.PerClip(CLIP_IDS[:number_of_clips], {"ft_top1": correct, "probe_top1": correct})
+    labels = [*LENGTH.labels, "Random init"]
+    distributions = {"setting": CategoricalDistribution(labels), "seed": IntDistribution(0, 2)}
+    attrs = _metrics(100 * correct.mean(), probe=100 * correct.mean()) | {"per_clip": per_clip.encode(record)}
+    return create_trial(state=TrialState.COMPLETE, value=attrs["ft_top1"], params={"setting": setting, "seed": seed},
+                        distributions=distributions, user_attrs=attrs)
+
+
+def _clip_storage(tmp_path, seeds: int = 3, floor: bool = True) -> str:
+    """length study: L=6 (reference) at 50 %, L=4 the same clips as L=6, L=8 at 70 %, Random init at 10 %."""
+    rng = np.random.default_rng(0)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{tmp_path / 'clips.db'}"
+    study = optuna.create_study(storage=url, study_name="length-mini-synthetic", direction="maximize")
+    for key, value in (("mme_study", "length"), ("preset", "mini"), ("dataset", "synthetic")):
+        study.set_user_attr(key, value)
+    trials = []
+    for seed in range(seeds):
+        reference = (rng.random(1200) < 0.5).astype(float)
+        trials += [_clip_trial("L=6", seed, 0.5, rng, scores=reference),
+                   _clip_trial("L=4", seed, 0.5, rng, scores=reference.copy()),
+                   _clip_trial("L=8", seed, 0.7, rng)]
+        if floor:
+            trials.append(_clip_trial("Random init", seed, 0.1, rng))
+    study.add_trials(trials)
+    return url
+
+
+def test_tables_get_cis_paired_deltas_and_verdicts_from_per_clip_records(tmp_path):
+    (table,) = tables.load_tables(open_storage(_clip_storage(tmp_path)), resamples=2000)
+    assert table.reference == "L=6"
+    rows = table.rows.set_index("setting")
+    assert list(rows.index) == ["L=4", "L=6", "L=8", "Random init"]  # the floor row is kept, after the study's
+    assert set(tables.STAT_COLUMNS) <= set(table.rows.columns)
+    for metric in ("ft_top1", "probe_top1"):
+        verdicts = rows[f"{metric}_verdict"].to_dict()
+        assert verdicts == {"L=4": "not separated", "L=6": "reference", "L=8": "ahead", "Random init": "behind"}
+    l8 = rows.loc["L=8"]
+    assert l8["ft_top1_delta"] == pytest.approx(20.0, abs=3.0) and l8["ft_top1_delta_low"] > 10
+    assert l8["ft_top1_ci_low"] < l8["ft_top1_mean"] < l8["ft_top1_ci_high"]
+    assert rows.loc["L=4", "ft_top1_delta"] == 0.0 and rows.loc["L=4", "ft_top1_delta_high"] == 0.0
+    assert rows.loc["L=6", "n_clips"] == 1200 and math.isnan(rows.loc["L=6", "ft_top1_delta"])
+    # paper: L=4 63.2, L=6 64.1 -> -0.9 to the reference; the floor has no paper value
+    assert rows.loc["L=4", "paper_delta_top1"] == pytest.approx(-0.9) and rows.loc["L=6", "paper_delta_top1"] == 0
+    assert math.isnan(rows.loc["Random init", "paper_delta_top1"])
+    assert set(rows["attentive_top1_verdict"]) == {"no per-clip data"}  # a metric no trial stored
+    text = tables.verdict_text(table, "probe_top1")
+    assert "**L=6**" in text and "ahead: L=8" in text and "behind: Random init" in text and "not separated: L=4" in text
+    markdown = tables.to_markdown(table.rows, "ft_top1")
+    assert "| L=8 | 3 |" in markdown and "| ahead |" in markdown and "paired difference to `L=6`" in markdown
+
+
+def test_one_seed_or_no_floor_gives_no_verdict(tmp_path):
+    (one_seed,) = tables.load_tables(open_storage(_clip_storage(tmp_path / "a", seeds=1)), resamples=500)
+    assert set(one_seed.rows["ft_top1_verdict"]) == {"insufficient seeds"}
+    assert "insufficient seeds: L=4, L=6, L=8, Random init" in tables.verdict_text(one_seed, "ft_top1")
+    (no_floor,) = tables.load_tables(open_storage(_clip_storage(tmp_path / "b", floor=False)), resamples=500)
+    assert set(no_floor.rows["ft_top1_verdict"]) == {"no floor"}
+    assert "no `Random init` row" in tables.verdict_text(no_floor, "ft_top1")
+
+
+def test_trials_without_per_clip_data_keep_their_means_and_get_no_verdict(length_storage):
+    (table,) = tables.load_tables(open_storage(length_storage))
+    rows = table.rows.set_index("setting")
+    assert rows.loc["L=4", "ft_top1_mean"] == pytest.approx(61.0)  # the attribute means, as before
+    assert set(rows["ft_top1_verdict"]) == {"no per-clip data"} and rows["ft_top1_ci_low"].isna().all()
+    assert "no per-clip data" in tables.verdict_text(table, "ft_top1")
+
+
+def test_chart_has_one_axis_with_cis_chance_floor_and_paper_deltas(tmp_path):
+    from mme.reports import plots
+
+    (table,) = tables.load_tables(open_storage(_clip_storage(tmp_path)), resamples=500)
+    rows = table.rows
+    paper = plots.paper_on_our_axis(rows, "ft_top1", "L=6")
+    ours = rows.set_index("setting").loc["L=6", "ft_top1_mean"]
+    assert paper["L=6"] == pytest.approx(ours) and paper["L=4"] == pytest.approx(ours - 0.9)
+    assert paper["L=8"] == pytest.approx(ours - 0.8) and math.isnan(paper["Random init"])
+    below, above, kinds = plots.error_bars(rows.set_index("setting"), "ft_top1")
+    assert kinds == ["ci"] * 4 and (below > 0).all() and (above > 0).all()
+    fig = plots.chart(rows, "ft_top1", "Table 7a", chance=100 / 12)
+    (ax,) = fig.axes  # no second y axis
+    horizontal = {round(line.get_ydata()[0], 3) for line in ax.lines if len(set(line.get_ydata())) == 1}
+    floor = rows.set_index("setting").loc["Random init", "ft_top1_mean"]
+    assert round(100 / 12, 3) in horizontal and round(floor, 3) in horizontal
+    near = plots.chart(rows[rows["setting"] != "Random init"], "ft_top1", "Table 7a")
+    assert near.axes[0].get_ylim()[0] > 30  # means at 50-70 %: the axis is fitted to them, not forced to 0
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(t.startswith("paper: Δ to its L=6") for t in legend)
+    assert plots.bar_chart(rows, "ft_top1", "t", tmp_path / "c.png").stat().st_size > 1000

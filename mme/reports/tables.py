@@ -1,9 +1,20 @@
-"""Paper tables from stored Optuna trials: one row per setting, measured mean ± std beside the paper.
+"""Paper tables from stored Optuna trials: one row per setting, measured mean ± std beside the paper,
+and, where the trials stored per-clip results, bootstrap CIs, the paired difference to the table's
+reference row and a verdict (`mme.reports.stats`).
 
 Only COMPLETE trials count; a grid point (setting, seed) that ran twice (GridSampler can repeat a point
 when several workers finish together) counts once, its lowest-numbered trial. Measured numbers come only
 from trial user attributes; the paper's columns come only from `mme.reports.reference`. A setting
 without a finished trial keeps its row with `n_seeds = 0` and empty measured cells.
+
+Statistics columns (STAT_METRICS x STAT_SUFFIXES, plus `n_clips` and `reference`): for a metric `m`,
+`m_ci_low` / `m_ci_high` (95 % CI of the mean over test clips and seeds), `m_delta` with
+`m_delta_low` / `m_delta_high` (paired difference to the reference row, points) and `m_verdict`. A
+trial's per-clip results are its `per_clip` user attribute (format: `mme.reports.per_clip`); where a
+setting has them, `m_mean` / `m_std` are recomputed from them on the clips every trial shares, so the
+CI belongs to the mean printed beside it. Trials stored without them (older storages) keep their
+attribute means and get the verdict "no per-clip data". The row labelled `stats.FLOOR` ("Random init")
+is the table's floor; a table without it gets no verdict ("no floor").
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from mme.reports import per_clip, stats
 from mme.reports.reference import paper_value
 from mme.reports.studies import ATTR_BUDGET, ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
 
@@ -21,7 +34,21 @@ COLUMNS = [
     "setting", "n_seeds", "ft_top1_mean", "ft_top1_std", "ft_top5_mean", "ft_top5_std",
     "probe_top1_mean", "probe_top1_std", "pretrain_seconds_mean", "paper_top1", "paper_top5",
     "preset", "dataset", "pretrain_loss_mean", "paper_setting", "optuna_study",
+    "attentive_top1_mean", "attentive_top1_std",
 ]
+
+# Metrics that get bootstrap statistics when the trials stored per-clip results for them.
+STAT_METRICS = ("ft_top1", "probe_top1", "attentive_top1")
+STAT_SUFFIXES = ("ci_low", "ci_high", "delta", "delta_low", "delta_high", "verdict")
+STAT_COLUMNS = ["n_clips", "reference", "paper_delta_top1",
+                *(f"{m}_{suffix}" for m in STAT_METRICS for suffix in STAT_SUFFIXES)]
+
+# Each study's reference row: the paper's default configuration (the row every other one is compared with).
+REFERENCE_SETTING = {
+    "content": "Traj", "interpolation": "Traj interp", "length": "L=6", "norm": "w/ patch norm",
+    "density": "Dense", "stride": "s=3", "masking": "70% tube", "decoder": "Joint depth 1",
+    "shuffle": "MME raw video", "probe": "MME (traj)",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,7 @@ class StudyTable:
     rows: pd.DataFrame  # COLUMNS, one row per setting
     trials_counted: int  # COMPLETE trials after de-duplication
     budget: tuple[str, ...] = ()  # the trial-budget overrides the study ran with (TRIAL_BUDGET)
+    reference: str | None = None  # the row statistics compare with (REFERENCE_SETTING)
 
 
 @dataclass(frozen=True)
@@ -54,21 +82,41 @@ class Ordering:
     runner_up_within_std: bool | None  # the best and second-best measured means differ by < their std
 
 
-def trial_records(trials: list[Any]) -> pd.DataFrame:
-    """COMPLETE trials -> one record per grid point: number, setting, seed and the METRICS attributes."""
+def _complete(trials: list[Any]) -> list[Any]:
+    """COMPLETE trials that ran a setting, the lowest-numbered one per (setting, seed)."""
     from optuna.trial import TrialState
 
-    records = []
-    for trial in trials:
+    seen, kept = set(), []
+    for trial in sorted(trials, key=lambda t: t.number):
         if trial.state != TrialState.COMPLETE or "setting" not in trial.params:
             continue
+        point = (trial.params["setting"], trial.params.get("seed", 0))
+        if point not in seen:
+            seen.add(point)
+            kept.append(trial)
+    return kept
+
+
+def trial_records(trials: list[Any]) -> pd.DataFrame:
+    """COMPLETE trials -> one record per grid point: number, setting, seed and the METRICS attributes."""
+    records = []
+    for trial in _complete(trials):
         record = {"number": trial.number, "setting": trial.params["setting"], "seed": trial.params.get("seed", 0)}
         for key in METRICS:
             value = trial.user_attrs.get(key)
             record[key] = float(value) if isinstance(value, (int, float)) else math.nan
         records.append(record)
-    frame = pd.DataFrame(records, columns=["number", "setting", "seed", *METRICS])
-    return frame.sort_values("number").drop_duplicates(["setting", "seed"], keep="first").reset_index(drop=True)
+    return pd.DataFrame(records, columns=["number", "setting", "seed", *METRICS])
+
+
+def trial_per_clip(trials: list[Any]) -> dict[str, dict[int, per_clip.PerClip]]:
+    """setting -> seed -> per-clip record, for the counted trials that stored one."""
+    found: dict[str, dict[int, per_clip.PerClip]] = {}
+    for trial in _complete(trials):
+        record = per_clip.from_trial(trial)
+        if record is not None:
+            found.setdefault(trial.params["setting"], {})[int(trial.params.get("seed", 0))] = record
+    return found
 
 
 def summarize(records: pd.DataFrame, study: Study, preset: str, dataset: str, optuna_study: str) -> pd.DataFrame:
@@ -79,9 +127,10 @@ def summarize(records: pd.DataFrame, study: Study, preset: str, dataset: str, op
         group = records[records["setting"] == label]
         paper_label = study.setting(label).paper if label in study.labels else None
         row: dict[str, Any] = {"setting": label, "n_seeds": len(group)}
-        for metric in ("ft_top1", "ft_top5", "probe_top1"):
-            row[f"{metric}_mean"] = _mean(group[metric])
-            row[f"{metric}_std"] = _std(group[metric])
+        for metric in ("ft_top1", "ft_top5", "probe_top1", "attentive_top1"):
+            values = group[metric] if metric in group else pd.Series(dtype=float)  # a metric older trials lack
+            row[f"{metric}_mean"] = _mean(values)
+            row[f"{metric}_std"] = _std(values)
         row["pretrain_seconds_mean"] = _mean(group["pretrain_seconds"])
         row["paper_top1"] = paper_value(study.paper_study, paper_label, "top1")
         row["paper_top5"] = paper_value(study.paper_study, paper_label, "top5")
@@ -89,6 +138,67 @@ def summarize(records: pd.DataFrame, study: Study, preset: str, dataset: str, op
                    paper_setting=paper_label, optuna_study=optuna_study)
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def add_statistics(rows: pd.DataFrame, records: dict[str, dict[int, per_clip.PerClip]], reference: str | None,
+                   metrics: tuple[str, ...] = STAT_METRICS, resamples: int = stats.RESAMPLES,
+                   seed: int = 0) -> pd.DataFrame:
+    """`rows` (COLUMNS) with STAT_COLUMNS filled in from per-clip `records` (setting -> seed -> record).
+
+    `reference`: the row to compare with (None or a row without per-clip data: CIs only, verdict
+    "no reference"). Settings without per-clip data for a metric get the verdict "no per-clip data".
+    """
+    rows = rows.copy()
+    for column in STAT_COLUMNS:
+        rows[column] = np.nan
+    rows["reference"] = reference or ""
+    rows = rows.astype({f"{m}_verdict": object for m in metrics} | {"reference": object})
+    rows["paper_delta_top1"] = _paper_delta(rows, reference)
+    index = {label: i for i, label in zip(rows.index, rows["setting"])}
+    for metric in metrics:
+        rows[f"{metric}_verdict"] = stats.NO_PER_CLIP
+        results = {setting: {s: (r.clip_ids, r.correct[metric]) for s, r in seeds.items() if metric in r.correct}
+                   for setting, seeds in records.items() if setting in index}
+        results = {setting: seeds for setting, seeds in results.items() if seeds}
+        if not results:
+            continue
+        clips = stats.common_clips(results)
+        for setting, row in _metric_statistics(results, reference, resamples, seed).items():
+            scores = stats.aligned(results[setting], clips, sorted(results[setting]))
+            _fill(rows, index[setting], metric, row, scores)
+    return rows
+
+
+def _metric_statistics(results: dict[str, stats.SeedScores], reference: str | None, resamples: int,
+                       seed: int) -> dict[str, stats.SettingStats]:
+    if reference in results:
+        return stats.table_statistics(results, reference, resamples=resamples, seed=seed)
+    clips = stats.common_clips(results)  # nothing to compare with: each row's CI, no difference
+    out = {}
+    for setting, seeds in results.items():
+        scores = stats.aligned(seeds, clips, sorted(seeds))
+        out[setting] = stats.SettingStats(setting, len(seeds), len(clips), stats.interval(scores, resamples, seed),
+                                          None, stats.NO_REFERENCE)
+    return out
+
+
+def _fill(rows: pd.DataFrame, i: Any, metric: str, row: stats.SettingStats, scores: np.ndarray) -> None:
+    """Write one setting's statistics; `scores` (seeds, common clips) give the std over seeds."""
+    rows.loc[i, "n_clips"] = row.n_clips
+    rows.loc[i, f"{metric}_mean"] = row.mean.estimate
+    rows.loc[i, f"{metric}_std"] = float(np.std(100.0 * scores.mean(axis=1), ddof=1)) if len(scores) > 1 else math.nan
+    rows.loc[i, f"{metric}_ci_low"], rows.loc[i, f"{metric}_ci_high"] = row.mean.low, row.mean.high
+    if row.delta is not None:
+        rows.loc[i, f"{metric}_delta"] = row.delta.estimate
+        rows.loc[i, f"{metric}_delta_low"], rows.loc[i, f"{metric}_delta_high"] = row.delta.low, row.delta.high
+    rows.loc[i, f"{metric}_verdict"] = row.verdict
+
+
+def _paper_delta(rows: pd.DataFrame, reference: str | None) -> pd.Series:
+    """Each row's paper top-1 minus the paper top-1 of the reference row (NaN where either is missing)."""
+    paper = rows.set_index("setting")["paper_top1"].astype(float)
+    base = paper.get(reference, math.nan) if reference else math.nan
+    return (rows["paper_top1"].astype(float) - base).values
 
 
 def _mean(values: pd.Series) -> float:
@@ -101,8 +211,9 @@ def _std(values: pd.Series) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else math.nan
 
 
-def load_tables(storage: Any) -> list[StudyTable]:
-    """Every Optuna study in `storage` that ablate.py made and that holds a COMPLETE trial."""
+def load_tables(storage: Any, resamples: int = stats.RESAMPLES, seed: int = 0) -> list[StudyTable]:
+    """Every Optuna study in `storage` that ablate.py made and that holds a COMPLETE trial, with the
+    statistics columns (`add_statistics`; `resamples` bootstrap draws from generator `seed`)."""
     import optuna
 
     tables = []
@@ -111,14 +222,17 @@ def load_tables(storage: Any) -> list[StudyTable]:
         attrs = study_obj.user_attrs
         if attrs.get(ATTR_STUDY) is None:
             continue  # not one of ours
-        records = trial_records(study_obj.get_trials(deepcopy=False))
+        trials = study_obj.get_trials(deepcopy=False)
+        records = trial_records(trials)
         if records.empty:
             continue
         study = get_study(attrs[ATTR_STUDY])
         preset, dataset = attrs.get(ATTR_PRESET, "?"), attrs.get(ATTR_DATASET, "?")
-        rows = summarize(records, study, preset, dataset, name)
+        reference = REFERENCE_SETTING.get(study.name)
+        rows = add_statistics(summarize(records, study, preset, dataset, name), trial_per_clip(trials), reference,
+                              resamples=resamples, seed=seed)
         budget = tuple(attrs.get(ATTR_BUDGET, ()))
-        tables.append(StudyTable(study, name, preset, dataset, rows, len(records), budget))
+        tables.append(StudyTable(study, name, preset, dataset, rows, len(records), budget, reference))
     return tables
 
 
@@ -162,21 +276,59 @@ def _runner_up_within_std(measured: pd.DataFrame, metric: str) -> bool | None:
 
 
 def to_markdown(rows: pd.DataFrame, objective: str) -> str:
-    """A compact markdown table: measured mean ± std (n seeds) beside the paper's numbers."""
+    """A compact markdown table: measured mean ± std (n seeds) beside the paper's numbers; with statistics
+    columns, also the objective's (and the probe's) 95 % CI, paired Δ to the reference and verdict."""
     header = ["setting", "n", "ft top-1", "ft top-5", "probe top-1", "pretrain s", "paper top-1", "paper top-5"]
+    with_stats = [m for m in dict.fromkeys((objective, "probe_top1")) if f"{m}_verdict" in rows]
+    for metric in with_stats:
+        header += [f"{metric} 95% CI", f"{metric} Δ ref [95% CI]", f"{metric} verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in rows.iterrows():
         cells = [str(row["setting"]), str(row["n_seeds"]),
                  _pm(row["ft_top1_mean"], row["ft_top1_std"]), _pm(row["ft_top5_mean"], row["ft_top5_std"]),
                  _pm(row["probe_top1_mean"], row["probe_top1_std"]), _num(row["pretrain_seconds_mean"], 0),
                  _num(row["paper_top1"]), _num(row["paper_top5"])]
+        for metric in with_stats:
+            cells += [_range(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]),
+                      _delta(row[f"{metric}_delta"], row[f"{metric}_delta_low"], row[f"{metric}_delta_high"]),
+                      str(row[f"{metric}_verdict"])]
         lines.append("| " + " | ".join(cells) + " |")
     first = rows.iloc[0]
     lines.append("")
     lines.append(f"Measured on preset `{first['preset']}`, dataset `{first['dataset']}` (Optuna study "
                  f"`{first['optuna_study']}`); objective `{objective}`. Paper: SSv2, ViT-B. \"–\" = not measured "
                  "or not in the paper; ± is the sample std over seeds.")
+    if with_stats:
+        lines.append(f"CIs: bootstrap over test clips and seeds; Δ: paired difference to `{first['reference'] or '–'}` "
+                     "(same clips, same seeds), in points; a verdict is ahead/behind only when its CI excludes 0.")
     return "\n".join(lines) + "\n"
+
+
+def _range(low: float, high: float) -> str:
+    return "–" if math.isnan(low) else f"[{low:.1f}, {high:.1f}]"
+
+
+def _delta(value: float, low: float, high: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def verdict_text(table: StudyTable, metric: str) -> str:
+    """Plain words: which settings the paired CIs put ahead of / behind the reference by `metric`, or why
+    there is no verdict (no per-clip data, no floor row, fewer than two seeds)."""
+    column = f"{metric}_verdict"
+    if column not in table.rows:
+        return f"By `{metric}`: {stats.NO_PER_CLIP}, so no setting is separated from another."
+    words = dict(zip(table.rows["setting"], table.rows[column]))
+    reference = table.reference or "–"
+    if set(words.values()) == {stats.NO_PER_CLIP}:
+        return f"By `{metric}`: the trials stored {stats.NO_PER_CLIP}, so no verdict (only means ± std)."
+    if stats.NO_FLOOR in words.values():
+        return (f"By `{metric}`: the table has no `{stats.FLOOR}` row ({stats.NO_FLOOR}), so no setting gets a "
+                "verdict: without the floor a difference between settings may measure nothing learnt.")
+    groups = {word: [s for s, w in words.items() if w == word] for word in dict.fromkeys(words.values())}
+    parts = [f"{word}: {', '.join(settings)}" for word, settings in groups.items() if word != stats.REFERENCE]
+    return (f"By `{metric}`, paired to the reference **{reference}** (95 % CI of the difference over test "
+            f"clips and seeds): " + "; ".join(parts) + ".")
 
 
 def _num(value: Any, digits: int = 2) -> str:
