@@ -115,12 +115,22 @@ def relative_to_workdir(workdir: str | Path, video: str | Path) -> str:
         return video.as_posix()
 
 
+def _share(fraction: float, total: int, left: int) -> int:
+    """`round(fraction*total)` rows; at least 1 for a non-zero fraction while `left` rows keep one for train."""
+    count = int(round(fraction * total))
+    if fraction > 0 and count == 0 and left >= 2:
+        count = 1
+    return count
+
+
 def stratified_split(rows, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
     """Split `(path, label)` rows into train/val/test with every class spread as evenly as possible.
 
     Videos of each class are shuffled (seeded); classes are interleaved rank by rank (in a seeded class
     order), and the first `round(test_fraction*N)` of that sequence go to test, the next
-    `round(val_fraction*N)` to val, the rest to train. Each split keeps the input order.
+    `round(val_fraction*N)` to val, the rest to train. On a tiny set where that rounds to 0, a split with
+    a non-zero fraction still gets one video while train keeps at least one (3 videos: one each), so the
+    stages that read val and test have something to read. Each split keeps the input order.
     """
     rng = np.random.default_rng([int(seed), 20230])
     rows = list(rows)
@@ -132,8 +142,8 @@ def stratified_split(rows, val_fraction: float, test_fraction: float, seed: int)
     interleaved = []
     for rank in range(max((len(q) for q in queues.values()), default=0)):
         interleaved += [queues[c][rank] for c in labels if rank < len(queues[c])]
-    n_test = int(round(test_fraction * len(rows)))
-    n_val = int(round(val_fraction * len(rows)))
+    n_test = _share(test_fraction, len(rows), len(rows))
+    n_val = _share(val_fraction, len(rows), len(rows) - n_test)
     chosen = {"test": set(interleaved[:n_test]), "val": set(interleaved[n_test:n_test + n_val])}
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     for position, row in enumerate(rows):

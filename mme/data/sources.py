@@ -381,7 +381,8 @@ def prepare_ssv2(workdir: Path, folder: str) -> Prepared:
 def prepare_folder(workdir: Path, folder: str, val_fraction: float, test_fraction: float, seed: int,
                    progress: bool = True) -> Prepared:
     """Any `DIR/<class>/<video>` tree: every file probed (broken ones skipped and named), class ids by
-    sorted class name, a seeded stratified train/val/test split. Hidden files are ignored."""
+    sorted class name, a seeded stratified train/val/test split. Hidden files are ignored. A tree too small
+    to give every split with a non-zero fraction one video raises ValueError."""
     if not folder:
         raise FileNotFoundError("the folder dataset needs data.folder=DIR (a DIR/<class>/<video> tree)")
     root = Path(folder).expanduser().resolve()
@@ -402,7 +403,13 @@ def prepare_folder(workdir: Path, folder: str, val_fraction: float, test_fractio
         rows.append((relative_to_workdir(workdir, path), label))
     if not rows:
         raise FileNotFoundError(f"no readable video under data.folder={folder} ({len(skipped)} files failed)")
-    return Prepared(stratified_split(rows, val_fraction, test_fraction, seed), classes, skipped)
+    splits = stratified_split(rows, val_fraction, test_fraction, seed)
+    wanted = {"train": 1.0, "val": val_fraction, "test": test_fraction}
+    empty = [name for name, fraction in wanted.items() if fraction > 0 and not splits[name]]
+    if empty:
+        raise ValueError(f"data.folder={folder} has {len(rows)} readable video(s): too few for a non-empty "
+                         f"{' and '.join(empty)} split; add videos (train, val and test need one each at least)")
+    return Prepared(splits, classes, skipped)
 
 
 def prepare(cfg, workdir: str | Path, progress: bool = True) -> Prepared:
