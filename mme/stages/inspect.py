@@ -1,6 +1,6 @@
 """`mme inspect-targets VIDEO --out FILE.npz`: one clip of one video through the whole target path.
 
-The clip goes through exactly the pre-training item path (`mme.data.datasets.load_clip` + `pretrain_item`,
+The clip goes through exactly the pre-training item path (`mme.datasets.load_clip` + `pretrain_item`,
 epoch 0, index 0 of `seed`): start, crop/flip, flow window (from the flow cache when a valid one exists,
 else computed here with `flow.backend` on the clip's frames), targets of `target.kind`, mask. The
 trajectories of the MME tracker are always computed too, for the arrays and the figure.
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mme.data.datasets import item_rng, load_clip, pretrain_item
 from mme.data.lists import resolve_video
 from mme.data.video import read_frames, video_info
+from mme.datasets import item_rng, load_clip, pretrain_item
 from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
 from mme.motion.flow import compute_flow
 from mme.paths import Paths
