@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mme.config import Config, ConfigError, load_config
+from mme.config import PRESETS, Config, ConfigError, load_config
 from mme.engine.tracking import setup_experiment, tracking_uri
 from mme.paths import Paths
 from mme.reports.studies import (
@@ -428,7 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Optuna ablation studies for the paper's tables "
                                      "(see experiments/README.md)")
     parser.add_argument("--study", required=True, help=f"one of: {', '.join(STUDIES)}, or all")
-    parser.add_argument("--preset", default="mini", choices=("smoke", "mini", "paper"))
+    parser.add_argument("--preset", default="mini", choices=tuple(PRESETS))
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
     parser.add_argument("--storage", default=None, help="Optuna storage: sqlite:///…, postgresql://…, mysql://…, "
                         "journal:///path.log or a path ending .journal/.log (default sqlite:///<workdir>/optuna.db)")

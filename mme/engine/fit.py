@@ -57,7 +57,7 @@ class TrainingPlan:
     scaler: torch.amp.GradScaler | None = None
     accum_steps: int = 1
     clip_grad: float | None = None
-    amp: str = "none"
+    amp: str = "off"
     device: torch.device | None = None
     ddp: bool = True
     show_progress: bool = True
