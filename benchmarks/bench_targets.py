@@ -1,4 +1,4 @@
-"""Target-building speed (issue 3, "Speed"; DESIGN.md section 8), on one core.
+"""Target-building speed (issue 3, "Speed"; README, Speed), on one core.
 
 Measures, on generated mini motion videos (16 x 112 x 112 clips, stride 3, K=4, L=6, interpolation on):
 - building the per-token target of every registered kind from the decoded, augmented frames and the cached

@@ -49,7 +49,7 @@ HOG_CELL = 8
 
 @dataclass
 class SyntheticConfig:
-    """Size of the generated motion dataset (DESIGN.md section 6)."""
+    """Size of the generated motion dataset (mme/data/synthetic.py; why `mini` shapes it: docs/deviations.md)."""
 
     num_videos: int = 960
     num_frames: int = 64
@@ -217,7 +217,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "data.synthetic.zoom": (0.25, 4.0),
 }
 
-# Named overlays (DESIGN.md section 5). Only the keys that differ from the defaults.
+# Named overlays (their sizing: docs/deviations.md, Scale). Only the keys that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {
@@ -231,12 +231,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"epochs": 5, "batch_size": 8},
         "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
     },
-    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores: ViT-Tiny width with 6 blocks, short
-    # schedules with learning rates raised for the small batch, batch 8 for more fine-tuning updates, no
-    # mixup/cutmix in 10 fine-tuning epochs.
-    # The generated set shares one look across videos (appearance: shared), magnified 1.6x, with no
-    # distractors or camera pan: on random looks a from-scratch ViT stays at chance within this budget
-    # (README, "The default run", lists what was measured).
+    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores; why the generated set is shaped this way
+    # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
         "data": {"synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False, "appearance": "shared",
                                "zoom": 1.6}},

@@ -1,4 +1,4 @@
-"""The generated motion dataset (DESIGN.md section 6): real MP4 clips whose class is the actor's motion only.
+"""The generated motion dataset (docs/deviations.md): real MP4 clips whose class is the actor's motion only.
 
 Each video shows a smooth random texture (optionally under a slow camera pan), one actor object and
 `distractors` other objects (static or jittering in place), all with a random shape, colour and

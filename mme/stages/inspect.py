@@ -5,7 +5,7 @@ epoch 0, index 0 of `seed`): start, crop/flip, flow window (from the flow cache 
 else computed here with `flow.backend` on the clip's frames), targets of `target.kind`, mask. The
 trajectories of the MME tracker are always computed too, for the arrays and the figure.
 
-Writes FILE.npz with (DESIGN.md section 9) `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
+Writes FILE.npz with `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
 (T/2, H/16, W/16, K, L+1, 2) tracked (x, y) in clip pixels; `valid` bool (T/2, H/16, W/16, K); `targets`
 float32 (tokens, D); plus `mask` bool (tokens,) and `target_valid` bool (tokens, D). And a figure like the
 paper's Fig. 4 (input frames, masked patches, trajectories) at reports/figures/trajectories.png.

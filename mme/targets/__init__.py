@@ -11,9 +11,9 @@
 | `hog+traj_pos` | hog 36 (middle frame), pos K*L*2 = 48                                      | yes  |
 | `traj` (MME)   | pos K*L*2 = 48, shape K*L*9 = 216 (total 264)                              | yes  |
 
-`target.density` max/mean reduce K to 1 in `pos` and `shape`. See `mme.targets.trajectory` (MME, DESIGN.md
-section 4) and `mme.targets.appearance` (baselines) for the exact definitions, `mme.targets.base` for the
-geometry, the inputs and the patch norm.
+`target.density` max/mean reduce K to 1 in `pos` and `shape`. Definitions: docs/targets.md; code:
+`mme.targets.trajectory` (MME), `mme.targets.appearance` (baselines), `mme.targets.base` (the geometry,
+the inputs and the patch norm).
 """
 
 from mme.targets import appearance, trajectory  # noqa: F401  (registers the kinds)
