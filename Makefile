@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 run: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
 
-test: setup
+test: setup  ## everything (what CI runs)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+
+test-fast: setup  ## inner loops: skips the tests marked slow
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check mme tests experiments benchmarks

@@ -1,4 +1,4 @@
-"""Flow extraction speed and cache size (issue 3, "Speed"; DESIGN.md section 8).
+"""Flow extraction speed and cache size (issue 3, "Speed"; README, Speed).
 
 Measures, on generated motion videos (mme.data.synthetic):
 - flow-only throughput in frame pairs/s of every backend at the mini resolution (128 px), in one process

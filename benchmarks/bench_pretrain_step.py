@@ -44,10 +44,10 @@ SETUP = dict(img_size=112, num_frames=16, patch_size=16, tubelet_size=2, embed_d
 
 # name -> (tubelet embedding, attention, AdamW, autocast)
 VARIANTS = {
-    "videomae-fp32": ("conv", "manual", "loop", "none"),
+    "videomae-fp32": ("conv", "manual", "loop", "off"),
     "videomae-bf16": ("conv", "manual", "loop", "bf16"),
     "ours-bf16": ("visible", "auto", "fused", "bf16"),
-    "ours-fp32": ("visible", "auto", "fused", "none"),
+    "ours-fp32": ("visible", "auto", "fused", "off"),
     "ours-bf16-conv": ("conv", "auto", "fused", "bf16"),
     "ours-bf16-sdpa": ("visible", "sdpa", "fused", "bf16"),
     "ours-bf16-loopadam": ("visible", "auto", "loop", "bf16"),

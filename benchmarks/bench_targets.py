@@ -1,4 +1,4 @@
-"""Target-building speed (issue 3, "Speed"; DESIGN.md section 8), on one core.
+"""Target-building speed (issue 3, "Speed"; README, Speed), on one core.
 
 Measures, on generated mini motion videos (16 x 112 x 112 clips, stride 3, K=4, L=6, interpolation on):
 - building the per-token target of every registered kind from the decoded, augmented frames and the cached
@@ -30,11 +30,11 @@ from pathlib import Path
 import cv2
 import torch
 
-import mme.data.datasets as datasets_module
+import mme.datasets.clips as datasets_module
 from mme.config import SyntheticConfig, load_config
-from mme.data.datasets import PretrainDataset, item_rng
 from mme.data.lists import relative_to_workdir, write_list
 from mme.data.synthetic import generate
+from mme.datasets import PretrainDataset, item_rng
 from mme.paths import Paths
 from mme.stages import extract
 from mme.targets import TARGETS, TargetInputs
@@ -42,7 +42,7 @@ from mme.utils import write_json
 
 MINI_SIZE, MINI_FRAMES = 128, 64
 BUDGET_MS = 15.0  # issue 3: all targets of one mini clip on one core
-# The steps of PretrainDataset.__getitem__ timed separately (functions looked up in mme.data.datasets).
+# The steps of PretrainDataset.__getitem__ timed separately (functions looked up in mme.datasets.clips).
 STEPS = {"decode": "read_frames", "flow_read": "load_flow", "augment_frames": "crop_frames",
          "augment_flow": "crop_flow", "mask": "make_mask", "normalize": "normalize"}
 
@@ -81,7 +81,7 @@ def time_build(workdir: Path, kind: str, repeats: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def step_timers(buckets: dict[str, list[float]]):
-    """Wrap the functions `__getitem__` calls (as named in mme.data.datasets) with timers."""
+    """Wrap the functions `__getitem__` calls (as named in mme.datasets.clips) with timers."""
     originals = {name: getattr(datasets_module, attr) for name, attr in STEPS.items()}
 
     def timed(name, function):

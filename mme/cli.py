@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from mme.config import ConfigError, load_config
+from mme.config import PRESETS, ConfigError, load_config
 
 # command -> (stage module, help)
 STAGES = {
@@ -29,7 +29,7 @@ STAGES = {
 
 
 def _shared(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=("smoke", "mini", "paper"), default=None,
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
                         help="named overlay (default: params.yaml `preset`, else mini)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. --set target.kind=pixel")

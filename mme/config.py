@@ -12,16 +12,31 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and the fix."""
+
+
+# Closed sets the config owns: a field typed with one of these takes exactly its values (`CHOICES` is
+# read from the annotations). "Off" has one spelling: `off` for an enumerated option, 0 for a number.
+DatasetName = Literal["synthetic", "ucf101", "hmdb51", "k400", "ssv2", "folder"]
+Flip = Literal["auto", "on", "off"]
+Sampling = Literal["dense", "segment"]
+Appearance = Literal["random", "shared"]
+Split = Literal[1, 2, 3]
+FlowBackend = Literal["farneback", "dis", "tvl1"]
+Density = Literal["dense", "max", "mean"]
+MaskKind = Literal["tube", "cube", "random"]
+DecoderMode = Literal["joint", "separate"]
+Amp = Literal["bf16", "fp16", "off"]
 
 
 # Paper constants (Sun et al., CVPR 2023, section 4 and Table 7 defaults).
@@ -34,7 +49,7 @@ HOG_CELL = 8
 
 @dataclass
 class SyntheticConfig:
-    """Size of the generated motion dataset (DESIGN.md section 6)."""
+    """Size of the generated motion dataset (mme/data/synthetic.py; why `mini` shapes it: docs/deviations.md)."""
 
     num_videos: int = 960
     num_frames: int = 64
@@ -43,22 +58,22 @@ class SyntheticConfig:
     distractors: int = 2
     camera_pan: bool = True
     zoom: float = 1.0          # magnifies objects and their motions (mme/data/synthetic.py `actor_tracks`)
-    appearance: str = "random"  # random: every video draws its own look; shared: one look, only motion differs
+    appearance: Appearance = "random"  # random: every video draws its own look; shared: one look, only motion differs
     workers: int = 2
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"
+    dataset: DatasetName = "synthetic"
     folder: str = ""
-    split: int = 1
+    split: Split = 1
     short_side: int = 128
     input_size: int = 112
     num_frames: int = 16
     stride: int = 3
     shuffle_frames: bool = False
-    flip: str = "auto"
-    sampling: str = "dense"
+    flip: Flip = "auto"
+    sampling: Sampling = "dense"
     crop_scale_min: float = 0.5
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -69,7 +84,7 @@ class DataConfig:
 
 @dataclass
 class FlowConfig:
-    backend: str = "dis"
+    backend: FlowBackend = "dis"
     compensate_camera: bool = False
     workers: int = 2
 
@@ -81,7 +96,7 @@ class TargetConfig:
     points_per_patch: int = PAPER_POINTS_PER_PATCH
     interpolate: bool = True
     patch_norm: bool = True
-    density: str = "dense"
+    density: Density = "dense"
     median_filter: bool = False
     fb_check: bool = False  # forward-backward flow consistency ends occluded tracks (mme/motion/consistency.py)
     prune: bool = False  # dense-trajectory pruning of sudden jumps (mme/motion/consistency.py)
@@ -89,7 +104,7 @@ class TargetConfig:
 
 @dataclass
 class MaskConfig:
-    kind: str = "tube"
+    kind: MaskKind = "tube"
     ratio: float = PAPER_MASK_RATIO
 
 
@@ -108,7 +123,7 @@ class ModelConfig:
     decoder_dim: int | None = None
     decoder_depth: int = 1
     decoder_num_heads: int | None = None
-    decoder_mode: str = "joint"
+    decoder_mode: DecoderMode = "joint"
     drop_path: float = 0.1
 
 
@@ -123,7 +138,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 0.0  # 0 = off (VideoMAE/MME pre-train without clipping)
     accum_steps: int = 1
-    amp: str = "bf16"
+    amp: Amp = "bf16"
 
 
 @dataclass
@@ -145,7 +160,7 @@ class FinetuneConfig:
     # ablation trial budget uses this.
     token_drop: float = 0.0
     accum_steps: int = 1
-    amp: str = "bf16"
+    amp: Amp = "bf16"
 
 
 @dataclass
@@ -190,25 +205,6 @@ class Config:
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-# Allowed values of the enumerated keys; checked after every overlay.
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "preset": ("smoke", "mini", "paper"),
-    "data.dataset": ("synthetic", "ucf101", "hmdb51", "k400", "ssv2", "folder"),
-    "data.flip": ("auto", "on", "off"),
-    "data.sampling": ("dense", "segment"),
-    "data.synthetic.appearance": ("random", "shared"),
-    "data.split": (1, 2, 3),
-    "flow.backend": ("farneback", "dis", "tvl1"),
-    "target.kind": ("pixel", "hog", "hog+flow", "hog+hof", "hog+mbh", "hog+traj_pos", "traj", "motionmae",
-                    "traj_official"),
-    "target.density": ("dense", "max", "mean"),
-    "mask.kind": ("tube", "cube", "random"),
-    "model.name": ("smoke", "tiny", "small", "base"),
-    "model.decoder_mode": ("joint", "separate"),
-    "pretrain.amp": ("bf16", "fp16", "none"),
-    "finetune.amp": ("bf16", "fp16", "none"),
-}
-
 # Numeric ranges: key -> (low, high), inclusive.
 RANGES: dict[str, tuple[float, float]] = {
     "mask.ratio": (0.0, 0.99),
@@ -224,7 +220,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "data.synthetic.zoom": (0.25, 4.0),
 }
 
-# Named overlays (DESIGN.md section 5). Only the keys that differ from the defaults.
+# Named overlays (their sizing: docs/deviations.md, Scale). Only the keys that differ from the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {
@@ -238,12 +234,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"epochs": 5, "batch_size": 8},
         "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
     },
-    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores: ViT-Tiny width with 6 blocks, short
-    # schedules with learning rates raised for the small batch, batch 8 for more fine-tuning updates, no
-    # mixup/cutmix in 10 fine-tuning epochs.
-    # The generated set shares one look across videos (appearance: shared), magnified 1.6x, with no
-    # distractors or camera pan: on random looks a from-scratch ViT stays at chance within this budget
-    # (README, "The default run", lists what was measured).
+    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores; why the generated set is shaped this way
+    # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
         "data": {"synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False, "appearance": "shared",
                                "zoom": 1.6}},
@@ -263,6 +255,37 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"num_clips": 2, "num_crops": 3},
     },
 }
+
+
+def _literal_choices(node: type, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+    """Dotted key -> allowed values of every `Literal`-typed field under a config dataclass."""
+    hints, out = get_type_hints(node), {}
+    for item in dataclasses.fields(node):
+        hint = hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            out |= _literal_choices(hint, f"{prefix}{item.name}.")
+        elif get_origin(hint) is Literal:
+            out[f"{prefix}{item.name}"] = get_args(hint)
+    return out
+
+
+# Allowed values of the enumerated keys the config owns; checked after every overlay.
+CHOICES: dict[str, tuple[Any, ...]] = {"preset": tuple(PRESETS)} | _literal_choices(Config)
+
+# Keys whose names a registry owns ("module:mapping" keyed by the names): registering one entry there is
+# the whole edit for a new name. Looked up only when validating, so the config stays the bottom layer.
+REGISTERED: dict[str, str] = {
+    "target.kind": "mme.targets:TARGETS",
+    "model.name": "mme.models.registry:SIZES",
+}
+
+
+def allowed_values(key: str) -> tuple[Any, ...]:
+    """The allowed values of an enumerated key (config-owned or registry-owned)."""
+    if key in REGISTERED:
+        module, _, mapping = REGISTERED[key].partition(":")
+        return tuple(getattr(importlib.import_module(module), mapping))
+    return CHOICES[key]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -358,7 +381,8 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     flat = cfg.flat()
-    for key, allowed in CHOICES.items():
+    for key in (*CHOICES, *REGISTERED):
+        allowed = allowed_values(key)
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
     for key, (low, high) in RANGES.items():

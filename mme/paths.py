@@ -1,4 +1,4 @@
-"""Where every file of a work directory lives (DESIGN.md section 3).
+"""Where every file of a work directory lives (docs/architecture.md, data flow).
 
 All stages resolve their inputs and outputs through `Paths(workdir)`, so one `--workdir` moves a whole
 pipeline (data, models, reports, MLflow and Optuna stores) to another root.

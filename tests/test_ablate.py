@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from mme.reports.studies import STUDIES, blocking_reason, optuna_study_name
+from mme.ablation import STUDIES, blocking_reason, optuna_study_name
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATE = REPO / "experiments" / "ablate.py"

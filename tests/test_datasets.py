@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mme.config import load_config
-from mme.data.datasets import PretrainDataset, VideoClsDataset
+from mme.datasets import PretrainDataset, VideoClsDataset
 from mme.motion.cache import flow_cache_path
 from mme.targets import TargetGeometry, target_parts
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mme.engine.distributed import DistEnv, init_distributed, make_sampler, wrap_ddp
+from mme.engine.distributed import DistEnv, all_reduce_sum, init_distributed, make_sampler, process_group, wrap_ddp
 from mme.engine.loops import make_loader, train_one_epoch
 from mme.engine.optim import build_optimizer, build_scheduler
 from mme.models import MaskedMotionPretrainer
@@ -91,3 +91,21 @@ def one_update_initial() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return MaskedMotionPretrainer({"pos": 6, "shape": 10}, img_size=32, num_frames=4, embed_dim=32, depth=2,
                                   num_heads=2, decoder_dim=16, decoder_num_heads=2).state_dict()
+
+
+def _stage_group_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with process_group("cpu") as env:  # as a stage does: it creates the group ...
+        inside = torch.distributed.is_initialized() and env.world_size == 2
+        summed = all_reduce_sum(torch.tensor([float(rank + 1)]))
+    after = torch.distributed.is_initialized()  # ... and destroys it when the stage ends
+    torch.save({"inside": inside, "after": after, "sum": float(summed)}, os.path.join(out_dir, f"pg{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_a_stage_destroys_the_process_group_it_created(tmp_path):
+    mp.spawn(_stage_group_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"pg{rank}.pt", weights_only=False)
+        assert result == {"inside": True, "after": False, "sum": 3.0}

@@ -1,4 +1,4 @@
-"""`mme inspect-targets`: the DESIGN.md section 9 arrays, the figure, determinism, cache vs computed flow."""
+"""`mme inspect-targets`: the saved arrays (docs/interfaces.md), the figure, determinism, cache vs computed flow."""
 
 from __future__ import annotations
 

@@ -16,10 +16,10 @@ import torch
 
 from mme import cli
 from mme.config import load_config
-from mme.data.datasets import PretrainDataset, VideoClsDataset
 from mme.data.lists import read_classes, read_list, stratified_split
-from mme.data.synthetic import smooth_texture
+from mme.data.synthetic_render import smooth_texture
 from mme.data.video import resized_shape, video_info
+from mme.datasets import PretrainDataset, VideoClsDataset
 from mme.motion.cache import flow_cache_path, load_flow
 from mme.paths import Paths
 from mme.targets import TargetGeometry

@@ -13,10 +13,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
+from mme.ablation import STUDIES, get_study, open_storage, study_names
 from mme.config import load_config
 from mme.reports import tables
 from mme.reports.reference import REFERENCE_CSV, paper_table, paper_value
-from mme.reports.studies import STUDIES, get_study, open_storage, study_names
 from mme.stages import report
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "reference_tables.csv"

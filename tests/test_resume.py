@@ -1,7 +1,7 @@
 """Resume equivalence: N epochs straight == k epochs, a stop, and `--resume` (same weights, same losses).
 
 Runs the real `pretrain` and `finetune` stages on small in-memory datasets (patched in for
-`mme.data.datasets`), with drop path and mixup switched on so the restored RNG states matter.
+`mme.datasets`), with drop path and mixup switched on so the restored RNG states matter.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 import mme.targets
 from mme.config import load_config
+from mme.engine import fit
 from mme.engine.checkpointing import save_checkpoint
 from mme.models import read_checkpoint
 
@@ -74,15 +75,15 @@ class MemoryClsSet(torch.utils.data.Dataset):
 
 @pytest.fixture
 def memory_data(monkeypatch, tmp_path):
-    fake = types.ModuleType("mme.data.datasets")
+    fake = types.ModuleType("mme.datasets")
     fake.PretrainDataset, fake.VideoClsDataset = MemoryPretrainSet, MemoryClsSet
-    monkeypatch.setitem(sys.modules, "mme.data.datasets", fake)
+    monkeypatch.setitem(sys.modules, "mme.datasets", fake)
     monkeypatch.setattr(mme.targets, "target_parts", lambda _cfg: dict(PARTS), raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def stop_after(monkeypatch, module, epoch):
-    """Make the stage die right after it saved `last.pt` for `epoch` completed epochs."""
+    """Make the stage die right after it saved `last.pt` for `epoch` completed epochs (the driver saves)."""
     def save_then_die(path, **kw):
         save_checkpoint(path, **kw)
         if path.name == "last.pt" and kw["epoch"] == epoch:
@@ -111,7 +112,7 @@ def test_pretrain_resume_equals_straight_run(tmp_path, monkeypatch):
                                 "model.drop_path=0.2", "pretrain.accum_steps=2"])
     straight = pretrain.run(cfg, tmp_path / "straight")
     with monkeypatch.context() as patch:
-        stop_after(patch, pretrain, epoch=2)
+        stop_after(patch, fit, epoch=2)
         with pytest.raises(KeyboardInterrupt):
             pretrain.run(cfg, tmp_path / "resumed")
     assert read_checkpoint(tmp_path / "resumed/models/pretrain/last.pt")["step"] == 2 * 2  # 8 clips / (2 x 2)
@@ -136,7 +137,7 @@ def test_finetune_resume_equals_straight_run(tmp_path, monkeypatch):
     init = tmp_path / "pre/models/pretrain/checkpoint.pt"
     straight = finetune.run(cfg, tmp_path / "straight", init=init)
     with monkeypatch.context() as patch:
-        stop_after(patch, finetune, epoch=1)
+        stop_after(patch, fit, epoch=1)
         with pytest.raises(KeyboardInterrupt):
             finetune.run(cfg, tmp_path / "resumed", init=init)
     resumed = finetune.run(cfg, tmp_path / "resumed", resume=True)

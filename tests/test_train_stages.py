@@ -19,7 +19,7 @@ from mme.models import read_checkpoint
 
 @pytest.fixture
 def workdir(extracted_workdir, tmp_path, monkeypatch):
-    pytest.importorskip("mme.data.datasets", reason="datasets not landed yet")
+    pytest.importorskip("mme.datasets", reason="datasets not landed yet")
     targets = pytest.importorskip("mme.targets")
     if not hasattr(targets, "target_parts"):
         pytest.skip("mme.targets.target_parts not landed yet")

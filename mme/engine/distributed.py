@@ -8,7 +8,9 @@ run depends only on (seed, epoch) however it is launched. Only rank 0 logs and s
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,16 +53,24 @@ def init_distributed(device: str | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, target)
 
 
-def current_env() -> DistEnv:
-    """The env of an already-initialised process group (world size 1 when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return DistEnv()
-
-
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[DistEnv]:
+    """`init_distributed` for one stage: a process group it created is destroyed when the stage ends.
+
+    A group that already existed (a caller that manages its own) is left as it was.
+    """
+    created = dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        if created:
+            cleanup()
 
 
 def make_sampler(dataset: Dataset, env: DistEnv, *, shuffle: bool, seed: int, drop_last: bool = False
@@ -97,10 +107,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     summed = values.detach().to(_comm_device(), copy=True)
     dist.all_reduce(summed)
     return summed.to(values.device)
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    return all_reduce_sum(values) / (dist.get_world_size() if _active() else 1)
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,8 @@ class NonFiniteLossError(FloatingPointError, ValueError):
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """'bf16' | 'fp16' | 'none' -> autocast dtype; fp16 needs CUDA (bf16 is used on CPU instead)."""
-    if amp == "none":
+    """'bf16' | 'fp16' | 'off' -> autocast dtype; fp16 needs CUDA (bf16 is used on CPU instead)."""
+    if amp == "off":
         return None
     if amp == "fp16" and device.type != "cuda":
         warnings.warn("fp16 autocast needs CUDA; using bf16 on CPU", stacklevel=2)
@@ -122,7 +122,7 @@ def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
                     scheduler: Any, compute_loss: LossFn, *, epoch: int, updates_per_epoch: int,
                     device: torch.device, accum_steps: int = 1, clip_grad: float | None = None,
-                    amp: str = "none", scaler: torch.amp.GradScaler | None = None,
+                    amp: str = "off", scaler: torch.amp.GradScaler | None = None,
                     show_progress: bool = True) -> dict[str, float]:
     """Run `updates_per_epoch` optimizer updates of `accum_steps` micro-batches each.
 
@@ -152,7 +152,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                 raise NonFiniteLossError(
                     f"non-finite loss {loss.item()} at epoch {epoch}, update {step} "
                     f"(parts: { {k: float(v.detach()) for k, v in parts.items()} }); stopped before applying it — "
-                    f"the last good checkpoint is kept; lower the lr or use amp=bf16/none")
+                    f"the last good checkpoint is kept; lower the lr or use amp=bf16/off")
             scaler.scale(loss / accum_steps).backward()
         if syncs:
             _optimizer_step(model, optimizer, scaler, clip_grad)
@@ -171,7 +171,7 @@ def average_views(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "none",
+def predict(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "off",
             show_progress: bool = True, reduce_views: Callable[[torch.Tensor], torch.Tensor] = average_views
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model outputs of every video of the loader, reduced over views (all ranks, each video once).
@@ -214,7 +214,7 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return result
 
 
-def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "none",
+def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, amp: str = "off",
              show_progress: bool = True) -> dict[str, float]:
     """Top-1/top-5 (percent) of the view-averaged predictions."""
     probs, labels, _ = predict(model, loader, device, amp, show_progress)

@@ -7,6 +7,8 @@ would silently ignore it), so the schedule here is timm's `CosineLRScheduler` st
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -50,3 +52,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_updates: int, warmup
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The largest group lr (the head's under layer decay)."""
     return max(group["lr"] for group in optimizer.param_groups)
+
+
+def updates_per_epoch(num_batches: int, accum_steps: int, what: str) -> int:
+    """Optimizer updates one epoch of `num_batches` makes; an error when it makes none."""
+    updates = num_batches // accum_steps
+    if updates == 0:
+        raise ValueError(f"{what}: {num_batches} batch(es) per epoch cannot make one update of {accum_steps} "
+                         f"accumulated batches; lower the batch size or accum_steps, or add videos")
+    return updates
+
+
+def optimization(train: Any, model: nn.Module, updates: int, world_size: int, layer_decay: float | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999)) -> tuple[torch.optim.Optimizer, Any, int]:
+    """AdamW + warm-up/cosine schedule from a stage section (`cfg.pretrain` / `cfg.finetune`).
+
+    Returns:
+        optimizer, scheduler (step it per update), total batch (per-rank batch × accumulation × ranks).
+    """
+    total_batch = train.batch_size * train.accum_steps * world_size
+    optimizer = build_optimizer(model, scaled_lr(train.base_lr, total_batch), train.weight_decay, betas, layer_decay)
+    scheduler = build_scheduler(optimizer, train.epochs * updates, train.warmup_epochs * updates,
+                                scaled_lr(train.min_lr, total_batch))
+    return optimizer, scheduler, total_batch

@@ -99,3 +99,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, verbose: bool = True) ->
         print(f"loaded {path}: {report.loaded} tensors; missing {report.missing}; unexpected {report.unexpected}; "
               f"skipped {len(report.skipped)} ({', '.join(report.skipped[:3])}{', ...' if len(skipped) > 3 else ''})")
     return report
+
+
+def pretrain_run_id(data: dict[str, Any]) -> str | None:
+    """The pre-training MLflow run a checkpoint descends from: recorded by later stages, or its own run."""
+    return data.get("pretrain_run_id") or (data.get("mlflow_run_id") if data.get("stage") == "pretrain" else None)
+
+
+def init_from(model: nn.Module, path: str | Path) -> str | None:
+    """Load the starting weights; returns the pre-training MLflow run id the file records, if any."""
+    load_checkpoint(model, path)
+    return pretrain_run_id(read_checkpoint(path))

@@ -16,7 +16,7 @@ from mme.config import Config
 from mme.models.classifier import VideoClassifier
 from mme.models.pretrainer import MaskedMotionPretrainer
 
-_SIZES: dict[str, Callable[[], dict[str, Any]]] = {}
+SIZES: dict[str, Callable[[], dict[str, Any]]] = {}
 
 # Keys a named size defines; a cfg.model value that is not null overrides the size's.
 SIZE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_dim", "decoder_num_heads")
@@ -25,7 +25,7 @@ ENCODER_KEYS = ("img_size", "num_frames", "patch_size", "tubelet_size", "embed_d
 
 
 def register_size(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-    _SIZES[fn.__name__] = fn
+    SIZES[fn.__name__] = fn
     return fn
 
 
@@ -50,13 +50,13 @@ def base() -> dict[str, Any]:
 
 
 def list_sizes() -> list[str]:
-    return sorted(_SIZES)
+    return sorted(SIZES)
 
 
 def size_args(name: str) -> dict[str, Any]:
-    if name not in _SIZES:
+    if name not in SIZES:
         raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(list_sizes())}")
-    return _SIZES[name]()
+    return SIZES[name]()
 
 
 def model_args(cfg: Config) -> dict[str, Any]:

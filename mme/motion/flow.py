@@ -4,7 +4,7 @@ Convention (docs/interfaces.md): `flow[i, y, x] = (dx, dy)` means the pixel cent
 moves to (x + dx, y + dy) in frame `i + 1`. Flow is computed on grayscale images in the pixel units of the
 frames it is given.
 
-Backends (DESIGN.md section 4):
+Backends (which preset uses which: docs/deviations.md):
 - `farneback`: `cv2.calcOpticalFlowFarneback` (the method the paper cites) with the parameters of OpenCV's
   own dense-flow sample: pyramid scale 0.5, 3 levels, 15 px box window, 3 iterations, polynomial
   neighbourhood 5 with sigma 1.2.

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mme.ablation.studies import ATTR_BUDGET, ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
 from mme.reports import per_clip, stats
 from mme.reports.reference import paper_value
-from mme.reports.studies import ATTR_BUDGET, ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
 
 COLUMNS = [
     "setting", "n_seeds", "ft_top1_mean", "ft_top1_std", "ft_top5_mean", "ft_top5_std",

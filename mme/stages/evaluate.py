@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from mme.config import Config
-from mme.engine.distributed import init_distributed
+from mme.engine.checkpointing import FINAL
+from mme.engine.distributed import process_group
 from mme.engine.loops import make_loader, predict, topk_accuracy
 from mme.engine.tracking import log_artifact, log_metrics, log_params, stage_run
 from mme.models import classifier_from_args, load_checkpoint, model_args, read_checkpoint
@@ -69,37 +70,38 @@ def class_names(cfg: Config, paths: Paths, num_classes: int) -> list[str]:
 
 def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: Any) -> dict[str, Any]:
     """Test `models/finetune/checkpoint.pt` (or `--init`) on the test split."""
-    from mme.data.datasets import VideoClsDataset
+    from mme.datasets import VideoClsDataset
 
-    env, paths = init_distributed(), Paths(workdir)
-    seed_everything(cfg.seed)
-    ckpt = Path(init) if init else paths.models_dir("finetune") / "checkpoint.pt"
-    data = read_checkpoint(ckpt)
-    dataset = VideoClsDataset(cfg, paths.workdir, "test", mode="test")
-    model = classifier_from_args(data.get("model_args") or model_args(cfg), dataset.num_classes)
-    load_checkpoint(model.to(env.device), ckpt)
-    loader = make_loader(dataset, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, drop_last=False)
-    pretrain_run_id = data.get("pretrain_run_id")
-    with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main,
-                   tags={"pretrain_run_id": pretrain_run_id or "none", "checkpoint": str(ckpt)}) as mlrun:
-        probs, labels, _ = predict(model, loader, env.device, cfg.finetune.amp, show_progress=env.is_main)
-        confusion = confusion_matrix(probs, labels, dataset.num_classes)
-        per_class = per_class_accuracy(confusion)
-        present = [a for a in per_class if a == a]  # NaN for classes without test videos
-        metrics = topk_accuracy(probs, labels) | {"mean_class_accuracy": sum(present) / max(len(present), 1)}
-        names = class_names(cfg, paths, dataset.num_classes)
-        result = metrics | {
-            "num_videos": len(labels), "views": cfg.evaluate.num_clips * cfg.evaluate.num_crops,
-            "per_class_accuracy": {n: (a if a == a else None) for n, a in zip(names, per_class)},
-            "confusion": confusion.tolist(),
-            "pretrain_run_id": pretrain_run_id, "mlflow_run_id": mlrun.info.run_id if mlrun else None,
-        }
-        if env.is_main:
-            log_params({"pretrain_run_id": pretrain_run_id or "none"})
-            log_metrics(metrics)
-            write_json(paths.metrics_dir / f"{STAGE}.json", result)
-            plot_confusion(confusion, names, paths.figures_dir / "confusion.png")
-            log_artifact(paths.figures_dir / "confusion.png", "figures")
-            log_artifact(paths.metrics_dir / f"{STAGE}.json", "metrics")
-    return result
+    with process_group() as env:
+        paths = Paths(workdir)
+        seed_everything(cfg.seed)
+        ckpt = Path(init) if init else paths.models_dir("finetune") / FINAL
+        data = read_checkpoint(ckpt)
+        dataset = VideoClsDataset(cfg, paths.workdir, "test", mode="test")
+        model = classifier_from_args(data.get("model_args") or model_args(cfg), dataset.num_classes)
+        load_checkpoint(model.to(env.device), ckpt)
+        loader = make_loader(dataset, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, drop_last=False)
+        pretrain_run_id = data.get("pretrain_run_id")
+        with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main,
+                       tags={"pretrain_run_id": pretrain_run_id or "none", "checkpoint": str(ckpt)}) as mlrun:
+            probs, labels, _ = predict(model, loader, env.device, cfg.finetune.amp, show_progress=env.is_main)
+            confusion = confusion_matrix(probs, labels, dataset.num_classes)
+            per_class = per_class_accuracy(confusion)
+            present = [a for a in per_class if a == a]  # NaN for classes without test videos
+            metrics = topk_accuracy(probs, labels) | {"mean_class_accuracy": sum(present) / max(len(present), 1)}
+            names = class_names(cfg, paths, dataset.num_classes)
+            result = metrics | {
+                "num_videos": len(labels), "views": cfg.evaluate.num_clips * cfg.evaluate.num_crops,
+                "per_class_accuracy": {n: (a if a == a else None) for n, a in zip(names, per_class)},
+                "confusion": confusion.tolist(),
+                "pretrain_run_id": pretrain_run_id, "mlflow_run_id": mlrun.info.run_id if mlrun else None,
+            }
+            if env.is_main:
+                log_params({"pretrain_run_id": pretrain_run_id or "none"})
+                log_metrics(metrics)
+                write_json(paths.metrics_dir / f"{STAGE}.json", result)
+                plot_confusion(confusion, names, paths.figures_dir / "confusion.png")
+                log_artifact(paths.figures_dir / "confusion.png", "figures")
+                log_artifact(paths.metrics_dir / f"{STAGE}.json", "metrics")
+        return result

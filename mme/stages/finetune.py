@@ -2,13 +2,13 @@
 
 Starts from `models/pretrain/checkpoint.pt` (or `--init`: this project's or an official VideoMAE/MME
 checkpoint), trains `build_classifier(cfg, num_classes)` on the train split with layer-wise lr decay,
-drop path, mixup/cutmix + label smoothing (timm) and reports the single-view val top-1 every epoch.
-Writes `models/finetune/{last,checkpoint}.pt`, `reports/plots/finetune.csv`, `reports/metrics/finetune.json`.
+drop path, mixup/cutmix + label smoothing (timm) and reports the single-view val top-1 every epoch,
+through the shared driver (`mme.engine.fit`). Writes `models/finetune/{last,checkpoint}.pt`,
+`reports/plots/finetune.csv`, `reports/metrics/finetune.json`.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from mme.config import Config
-from mme.engine.checkpointing import LAST, load_training_state, save_checkpoint
-from mme.engine.distributed import init_distributed, unwrap, wrap_ddp
-from mme.engine.loops import evaluate, make_loader, make_scaler, set_epoch, train_one_epoch
-from mme.engine.tracking import EpochRecorder, log_params, stage_run
-from mme.models import build_classifier, load_checkpoint, model_args, read_checkpoint
+from mme.engine.checkpointing import FINAL
+from mme.engine.distributed import process_group
+from mme.engine.fit import PRETRAIN_RUN_ID, TrainingPlan, single_view, train_stage
+from mme.engine.loops import evaluate, make_loader, make_scaler
+from mme.engine.optim import optimization, updates_per_epoch
+from mme.models import build_classifier, init_from, model_args
 from mme.paths import Paths
-from mme.stages.pretrain import finish_stage, optimization, updates_per_epoch
 from mme.utils import seed_everything
 
 STAGE = "finetune"
@@ -68,64 +68,33 @@ class ClassificationLoss:
         return self.criterion(model(video, batch.get("mask")).float(), target), {}
 
 
-def single_view(cfg: Config) -> Config:
-    """A copy of cfg whose test mode yields one centre view (per-epoch validation, probe features)."""
-    view = copy.deepcopy(cfg)
-    view.evaluate.num_clips, view.evaluate.num_crops = 1, 1
-    return view
-
-
-def init_from(model: nn.Module, path: Path) -> str | None:
-    """Load the starting weights; returns the pre-training MLflow run id the file records, if any."""
-    load_checkpoint(model, path)
-    data = read_checkpoint(path)
-    return data.get("pretrain_run_id") or (data.get("mlflow_run_id") if data.get("stage") == "pretrain" else None)
-
-
 def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path | None = None,
         **_: Any) -> dict[str, Any]:
     """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step."""
-    from mme.data.datasets import VideoClsDataset
+    from mme.datasets import VideoClsDataset
 
-    env, paths, train = init_distributed(), Paths(workdir), cfg.finetune
-    seed_everything(cfg.seed)
-    train_set = VideoClsDataset(cfg, paths.workdir, "train", mode="train")
-    val_set = VideoClsDataset(single_view(cfg), paths.workdir, "val", mode="test")
-    # Mixup pairs clip i with clip B-1-i: batches must be full (drop_last).
-    loader = make_loader(train_set, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, drop_last=True)
-    val_loader = make_loader(val_set, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, drop_last=False)
-    updates = updates_per_epoch(len(loader), train.accum_steps, f"finetune on {len(train_set)} clips")
-    model = build_classifier(cfg, train_set.num_classes).to(env.device)
-    optimizer, scheduler, total_batch = optimization(train, model, updates, env.world_size, train.layer_decay)
-    scaler = make_scaler(env.device, train.amp)
-    init = Path(init) if init else paths.models_dir("pretrain") / "checkpoint.pt"
-    if resume:
-        state = load_training_state(paths.models_dir(STAGE) / LAST, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler)
-    else:
-        state = {"epoch": 0, "history": [], "pretrain_run_id": init_from(model, init)}
-    keep = dict(config=cfg.to_dict(), model_args=model_args(cfg), num_classes=train_set.num_classes,
-                pretrain_run_id=state.get("pretrain_run_id"))
-    loss_fn = ClassificationLoss(train_set.num_classes, train.mixup, train.cutmix, train.label_smoothing)
-    ddp_model = wrap_ddp(model, env)
-    recorder = EpochRecorder(paths.plots_dir / f"{STAGE}.csv", env.is_main, state["history"])
-    tags = {"pretrain_run_id": keep["pretrain_run_id"] or "none", "init": str(init)}
-    with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main, tags=tags) as mlrun:
-        keep["mlflow_run_id"] = mlrun.info.run_id if mlrun else None
-        log_params({"pretrain_run_id": tags["pretrain_run_id"], "derived.total_batch": total_batch})
-        for epoch in range(state["epoch"], train.epochs):
-            set_epoch(loader, epoch)
-            stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, loss_fn, epoch=epoch,
-                                    updates_per_epoch=updates, device=env.device, accum_steps=train.accum_steps,
-                                    clip_grad=train.clip_grad, amp=train.amp, scaler=scaler,
-                                    show_progress=env.is_main)
-            val = evaluate(unwrap(ddp_model), val_loader, env.device, train.amp, show_progress=env.is_main)
-            recorder.record(epoch, stats | {f"val_{k}": v for k, v in val.items()})
-            if env.is_main:
-                save_checkpoint(paths.models_dir(STAGE) / LAST, model=model, optimizer=optimizer,
-                                scheduler=scheduler, scaler=scaler, epoch=epoch + 1, step=(epoch + 1) * updates,
-                                history=recorder.rows, stage=STAGE, **keep)
-        return finish_stage(STAGE, paths, env, model, recorder.rows, ("loss", "val_top1", "val_top5", "clips_per_s"),
-                            epoch=train.epochs, step=train.epochs * updates, **keep)
+    with process_group() as env:
+        paths, train = Paths(workdir), cfg.finetune
+        seed_everything(cfg.seed)
+        train_set = VideoClsDataset(cfg, paths.workdir, "train", mode="train")
+        val_set = VideoClsDataset(single_view(cfg), paths.workdir, "val", mode="test")
+        # Mixup pairs clip i with clip B-1-i: batches must be full (drop_last).
+        loader = make_loader(train_set, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, drop_last=True)
+        val_loader = make_loader(val_set, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
+                                 num_workers=cfg.data.num_workers, drop_last=False)
+        updates = updates_per_epoch(len(loader), train.accum_steps, f"finetune on {len(train_set)} clips")
+        model = build_classifier(cfg, train_set.num_classes).to(env.device)
+        optimizer, scheduler, total_batch = optimization(train, model, updates, env.world_size, train.layer_decay)
+        init = Path(init) if init else paths.models_dir("pretrain") / FINAL
+        plan = TrainingPlan(
+            STAGE, model, loader, optimizer, scheduler,
+            ClassificationLoss(train_set.num_classes, train.mixup, train.cutmix, train.label_smoothing),
+            train.epochs, updates, keys=("loss", "val_top1", "val_top5", "clips_per_s"),
+            scaler=make_scaler(env.device, train.amp), accum_steps=train.accum_steps, clip_grad=train.clip_grad,
+            amp=train.amp, keep={"config": cfg.to_dict(), "model_args": model_args(cfg),
+                                 "num_classes": train_set.num_classes},
+            carry=(PRETRAIN_RUN_ID,), start=lambda: {PRETRAIN_RUN_ID: init_from(model, init)},
+            validate=lambda m: evaluate(m, val_loader, env.device, train.amp, show_progress=env.is_main),
+            params={"derived.total_batch": total_batch}, tags={"init": str(init)})
+        return train_stage(cfg, paths, env, plan, resume)

@@ -1,11 +1,11 @@
 """`mme inspect-targets VIDEO --out FILE.npz`: one clip of one video through the whole target path.
 
-The clip goes through exactly the pre-training item path (`mme.data.datasets.load_clip` + `pretrain_item`,
+The clip goes through exactly the pre-training item path (`mme.datasets.load_clip` + `pretrain_item`,
 epoch 0, index 0 of `seed`): start, crop/flip, flow window (from the flow cache when a valid one exists,
 else computed here with `flow.backend` on the clip's frames), targets of `target.kind`, mask. The
 trajectories of the MME tracker are always computed too, for the arrays and the figure.
 
-Writes FILE.npz with (DESIGN.md section 9) `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
+Writes FILE.npz with `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
 (T/2, H/16, W/16, K, L+1, 2) tracked (x, y) in clip pixels; `valid` bool (T/2, H/16, W/16, K); `targets`
 float32 (tokens, D); plus `mask` bool (tokens,) and `target_valid` bool (tokens, D). And a figure like the
 paper's Fig. 4 (input frames, masked patches, trajectories) at reports/figures/trajectories.png.
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mme.data.datasets import item_rng, load_clip, pretrain_item
 from mme.data.lists import resolve_video
 from mme.data.video import read_frames, video_info
+from mme.datasets import item_rng, load_clip, pretrain_item
 from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
 from mme.motion.flow import compute_flow
 from mme.paths import Paths

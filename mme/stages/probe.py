@@ -3,7 +3,8 @@
 The encoder of `models/pretrain/checkpoint.pt` (or `--init`) is frozen; its mean-pooled features of one
 centre view per video are computed once for the train and val splits (cached in
 `models/probe/features.pt`), then a linear layer (preceded by a parameter-free BatchNorm, as MAE's
-linear probe) is trained on them with SGD + cosine schedule for `probe.epochs`. Writes
+linear probe) is trained on them with SGD + cosine schedule for `probe.epochs` by the shared driver
+(`mme.engine.fit`). Writes
 `models/probe/{last,checkpoint}.pt`, `reports/plots/probe.csv`, `reports/metrics/probe.json`.
 """
 
@@ -17,16 +18,14 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from mme.config import Config
-from mme.engine.checkpointing import LAST, load_training_state, save_checkpoint
-from mme.engine.distributed import DistEnv, init_distributed
-from mme.engine.loops import make_loader, predict, set_epoch, topk_accuracy, train_one_epoch
+from mme.engine.checkpointing import FINAL
+from mme.engine.distributed import DistEnv, process_group
+from mme.engine.fit import PRETRAIN_RUN_ID, TrainingPlan, single_view, train_stage
+from mme.engine.loops import make_loader, predict, topk_accuracy
 from mme.engine.optim import build_scheduler
-from mme.engine.tracking import EpochRecorder, log_params, stage_run
-from mme.models import VisionTransformer, load_checkpoint, model_args, read_checkpoint
+from mme.models import VisionTransformer, load_checkpoint, model_args, pretrain_run_id, read_checkpoint
 from mme.models.registry import encoder_args
 from mme.paths import Paths
-from mme.stages.finetune import single_view
-from mme.stages.pretrain import finish_stage
 from mme.utils import atomic_path, seed_everything
 
 STAGE = "probe"
@@ -83,13 +82,12 @@ def frozen_encoder(cfg: Config, path: Path) -> tuple[PooledEncoder, str | None]:
     args = data.get("model_args") or model_args(cfg)
     encoder = VisionTransformer(**encoder_args(args) | {"drop_path": 0.0})
     load_checkpoint(encoder, path)
-    run_id = data.get("pretrain_run_id") or (data.get("mlflow_run_id") if data.get("stage") == "pretrain" else None)
-    return PooledEncoder(encoder), run_id
+    return PooledEncoder(encoder), pretrain_run_id(data)
 
 
 def compute_features(cfg: Config, paths: Paths, env: DistEnv, encoder: nn.Module) -> dict[str, Any]:
     """Centre-view features of the train and val splits: split -> (features (n, D), labels (n,))."""
-    from mme.data.datasets import VideoClsDataset
+    from mme.datasets import VideoClsDataset
 
     view_cfg, out = single_view(cfg), {}
     encoder.to(env.device)
@@ -112,7 +110,7 @@ def cached_features(cfg: Config, paths: Paths, env: DistEnv, init: Path, resume:
         if data.get("source") == str(init):
             return data
     encoder, run_id = frozen_encoder(cfg, init)
-    data = compute_features(cfg, paths, env, encoder) | {"source": str(init), "pretrain_run_id": run_id}
+    data = compute_features(cfg, paths, env, encoder) | {"source": str(init), PRETRAIN_RUN_ID: run_id}
     if env.is_main:
         with atomic_path(cache) as tmp:
             torch.save(data, tmp)
@@ -122,40 +120,23 @@ def cached_features(cfg: Config, paths: Paths, env: DistEnv, init: Path, resume:
 def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path | None = None,
         **_: Any) -> dict[str, Any]:
     """Linear probe; with `resume`, continue from `models/probe/last.pt`."""
-    env, paths, probe = init_distributed(), Paths(workdir), cfg.probe
-    seed_everything(cfg.seed)
-    init = Path(init) if init else paths.models_dir("pretrain") / "checkpoint.pt"
-    data = cached_features(cfg, paths, env, init, resume)
-    (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
-    # The head is tiny: every rank trains the same one on all features (world size 1 for the loader).
-    # Full batches only when there are enough clips: BatchNorm cannot train on a last batch of one.
-    loader = make_loader(FeatureSet(train_x, train_y), DistEnv(), batch_size=probe.batch_size, shuffle=True,
-                         seed=cfg.seed, num_workers=0, drop_last=len(train_y) > probe.batch_size)
-    head = LinearProbe(train_x.shape[1], data["num_classes"])
-    optimizer = torch.optim.SGD(head.parameters(), lr=probe.lr, momentum=0.9, weight_decay=probe.weight_decay)
-    scheduler = build_scheduler(optimizer, probe.epochs * len(loader), 0, 0.0)
-    state = {"epoch": 0, "history": []}
-    if resume:
-        state = load_training_state(paths.models_dir(STAGE) / LAST, model=head, optimizer=optimizer,
-                                    scheduler=scheduler)
-    pretrain_run_id = data.get("pretrain_run_id")
-    recorder = EpochRecorder(paths.plots_dir / f"{STAGE}.csv", env.is_main, state["history"])
-    with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main,
-                   tags={"pretrain_run_id": pretrain_run_id or "none"}) as mlrun:
-        run_id = mlrun.info.run_id if mlrun else None
-        log_params({"pretrain_run_id": pretrain_run_id or "none", "derived.feature_dim": train_x.shape[1]})
-        for epoch in range(state["epoch"], probe.epochs):
-            set_epoch(loader, epoch)
-            stats = train_one_epoch(head, loader, optimizer, scheduler, probe_loss, epoch=epoch,
-                                    updates_per_epoch=len(loader), device=torch.device("cpu"),
-                                    show_progress=False)
-            val = probe_accuracy(head, val_x, val_y)
-            recorder.record(epoch, stats | {f"val_{k}": v for k, v in val.items()})
-            if env.is_main:
-                save_checkpoint(paths.models_dir(STAGE) / LAST, model=head, optimizer=optimizer,
-                                scheduler=scheduler, epoch=epoch + 1, step=(epoch + 1) * len(loader),
-                                history=recorder.rows, config=cfg.to_dict(), stage=STAGE,
-                                pretrain_run_id=pretrain_run_id, mlflow_run_id=run_id)
-        return finish_stage(STAGE, paths, env, head, recorder.rows, ("loss", "val_top1", "val_top5"),
-                            epoch=probe.epochs, step=probe.epochs * len(loader), config=cfg.to_dict(),
-                            pretrain_run_id=pretrain_run_id, mlflow_run_id=run_id)
+    with process_group() as env:
+        paths, probe = Paths(workdir), cfg.probe
+        seed_everything(cfg.seed)
+        init = Path(init) if init else paths.models_dir("pretrain") / FINAL
+        data = cached_features(cfg, paths, env, init, resume)
+        (train_x, train_y), (val_x, val_y) = data["train"], data["val"]
+        # The head is tiny: every rank trains the same one on all features (world size 1 for the loader).
+        # Full batches only when there are enough clips: BatchNorm cannot train on a last batch of one.
+        loader = make_loader(FeatureSet(train_x, train_y), DistEnv(), batch_size=probe.batch_size, shuffle=True,
+                             seed=cfg.seed, num_workers=0, drop_last=len(train_y) > probe.batch_size)
+        head = LinearProbe(train_x.shape[1], data["num_classes"])
+        optimizer = torch.optim.SGD(head.parameters(), lr=probe.lr, momentum=0.9, weight_decay=probe.weight_decay)
+        scheduler = build_scheduler(optimizer, probe.epochs * len(loader), 0, 0.0)
+        plan = TrainingPlan(
+            STAGE, head, loader, optimizer, scheduler, probe_loss, probe.epochs, len(loader),
+            keys=("loss", "val_top1", "val_top5"), device=torch.device("cpu"), ddp=False, show_progress=False,
+            keep={"config": cfg.to_dict(), PRETRAIN_RUN_ID: data.get(PRETRAIN_RUN_ID)},
+            validate=lambda model: probe_accuracy(model, val_x, val_y),
+            params={"derived.feature_dim": train_x.shape[1]})
+        return train_stage(cfg, paths, env, plan, resume)

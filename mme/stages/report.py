@@ -18,11 +18,11 @@ from typing import Any
 
 import pandas as pd
 
+from mme.ablation import STUDIES, open_storage, storage_exists
 from mme.config import Config
 from mme.data.lists import read_classes
 from mme.paths import Paths
 from mme.reports import plots, tables
-from mme.reports.studies import STUDIES, open_storage, storage_exists
 from mme.utils import atomic_path, write_json, write_text_atomic
 
 STORAGE_ENV = "MME_OPTUNA_STORAGE"

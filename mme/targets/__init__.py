@@ -12,9 +12,9 @@
 | `traj` (MME)   | pos K*L*2 = 48, shape K*L*9 = 216 (total 264)                              | yes  |
 | `traj_official`| hog 108 (middle frame, per RGB channel), pos 2*L*K = 48 (the released code) | yes  |
 
-`target.density` max/mean reduce K to 1 in `pos` and `shape`. See `mme.targets.trajectory` (MME, DESIGN.md
-section 4) and `mme.targets.appearance` (baselines) for the exact definitions, `mme.targets.base` for the
-geometry, the inputs and the patch norm.
+`target.density` max/mean reduce K to 1 in `pos` and `shape`. Definitions: docs/targets.md; code:
+`mme.targets.trajectory` (MME), `mme.targets.appearance` (baselines), `mme.targets.base` (the geometry,
+the inputs and the patch norm).
 """
 
 from mme.targets import appearance, official, trajectory  # noqa: F401  (registers the kinds)

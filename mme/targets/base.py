@@ -20,7 +20,7 @@ import torch
 
 from mme.motion.descriptors import to_gray
 
-PATCH_NORM_EPS = 1e-6  # DESIGN.md section 4
+PATCH_NORM_EPS = 1e-6  # docs/targets.md
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""MME's motion-trajectory target (DESIGN.md section 4) and its "HOG + Traj. w/o shape" variant.
+"""MME's motion-trajectory target (docs/targets.md) and its "HOG + Traj. w/o shape" variant.
 
 Every token (slot j, patch) seeds K points on a sqrt(K) x sqrt(K) grid of its patch at offset f_j and
 tracks them for L steps: 1 original frame per step with `target.interpolate` (the dense video between the

@@ -1,6 +1,6 @@
 """The two datasets: pre-training clips with their motion targets, and labelled clips for classification.
 
-`PretrainDataset` item (DESIGN.md section 3): a random start such that the clip and the dense frames its
+`PretrainDataset` item (docs/architecture.md): a random start such that the clip and the dense frames its
 targets read fit the video; one decode of the input frames and those dense frames; the flow window from the
 cache; one random resized crop (+ flip where the labels allow it) applied to frames AND flow; the targets of
 `target.kind` built from those augmented frames and flow; the mask; optionally the input frames shuffled

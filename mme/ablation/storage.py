@@ -1,0 +1,60 @@
+"""Where ablation trials are stored: Optuna RDB storages (SQLite, servers) and journal files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+# A worker's trial counts as dead after this long without a heartbeat (its process was killed).
+HEARTBEAT_INTERVAL_S = 30
+HEARTBEAT_GRACE_S = 120
+
+
+def is_journal_url(url: str) -> bool:
+    return url.startswith("journal://") or url.endswith((".journal", ".log"))
+
+
+def journal_path(url: str) -> Path:
+    """`journal:///abs/path.log` or a plain path ending .journal/.log -> the file path."""
+    return Path(url[len("journal://"):] if url.startswith("journal://") else url)
+
+
+def storage_exists(url: str) -> bool:
+    """False for a SQLite or journal file that is not there yet (nothing stored); True for servers."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):]).exists()
+    if is_journal_url(url):
+        return journal_path(url).exists()
+    return True
+
+
+def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:
+    """An Optuna storage for `url`: `sqlite:///…`, `postgresql://…`, `mysql://…` (RDB) or a journal file
+    (`journal:///path`, or a path ending .journal / .log) for a shared filesystem without a database.
+
+    `heartbeat=True` (workers; RDB only) fails trials whose worker stopped beating and re-queues them
+    once through `RetryHeartbeatStaleTrialCallback` — the same policy ablate.py applies to trials that
+    raise. A journal has no heartbeat (see experiments/README.md for recovering a killed worker).
+    """
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if is_journal_url(url):
+        path = journal_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if not url.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+        raise ValueError(f"unsupported Optuna storage {url!r}: use sqlite:///path.db, postgresql://…, "
+                         "mysql://…, journal:///path.log or a path ending .journal/.log")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else None
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if not heartbeat:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    with warnings.catch_warnings():  # heartbeat_interval is flagged experimental; we rely on it knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                          grace_period=HEARTBEAT_GRACE_S,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))

@@ -1,0 +1,178 @@
+"""Ablation study definitions (paper Tables 4-7, Fig. 3): settings, objectives, trial budgets, naming.
+
+A study is one ablation axis: a list of settings, each a row label plus the config overrides that make
+it (`key=value` strings, exactly as `--set` takes them). Every setting sets the swept keys explicitly, so
+the preset's defaults never decide which row a run belongs to. `experiments/ablate.py` runs a study as an
+Optuna grid over settings x seeds (`mme.ablation.runner`); `mme report` turns the stored trials into
+the paper's tables.
+
+Choices made here (the paper leaves them implicit):
+- Table 5's appearance and short-term motion baselines (HOG, HOG+Flow/HOF/MBH) are the paper's
+  non-interpolated versions (MaskFeat: HOG of the tube's middle frame, `target.interpolate=false`);
+  the trajectory rows keep interpolation on, the paper's default. Table 6 toggles it explicitly.
+- Tables 7a-7f pin `target.kind=traj` (they ablate MME itself).
+- The `probe` study (Table 4) pre-trains and linear-probes only (no fine-tuning); its objective is the
+  probe top-1. Its labels name the method; `paper` points at the paper's SSv2 rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+# Optuna study user attributes written by experiments/ablate.py and read by the report.
+ATTR_STUDY = "mme_study"
+ATTR_PRESET = "preset"
+ATTR_DATASET = "dataset"
+ATTR_OVERRIDES = "overrides"
+ATTR_BUDGET = "trial_budget"
+ATTR_PARENT_RUN = "mlflow_parent_run_id"
+
+# Trial user attributes holding the measured metrics (the runner's result keys).
+METRICS = ("ft_top1", "ft_top5", "probe_top1", "pretrain_seconds", "pretrain_loss")
+FULL_CHAIN = ("pretrain", "finetune", "probe")
+
+# Per-preset trial budget, applied before a study's own overrides and the user's --set (which win): like
+# the paper's ablations, a trial is cheaper than the default pipeline (why these values and what they
+# measure: experiments/README.md). The budget is part of the Optuna study name, so changing it starts new
+# studies instead of resuming old ones.
+TRIAL_BUDGET: dict[str, tuple[str, ...]] = {
+    "smoke": (),
+    "mini": ("pretrain.epochs=2", "pretrain.warmup_epochs=1", "finetune.epochs=2", "finetune.warmup_epochs=1",
+             "finetune.token_drop=0.5"),
+    "paper": (),
+}
+
+
+def trial_budget(preset: str) -> tuple[str, ...]:
+    """The overrides that size an ablation trial for `preset` (see TRIAL_BUDGET)."""
+    return TRIAL_BUDGET.get(preset, ())
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a table: `label` (the table's row name), the config `overrides` that make it, and
+    `paper`, the matching row label of the reference csv (None: the paper has no such row)."""
+
+    label: str
+    overrides: tuple[str, ...]
+    paper: str | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """One ablation axis. `table`: the paper's table id; `file`: the stem of reports/tables/<file>.csv;
+    `paper_study`: the reference csv's study column; `base`: overrides shared by every setting;
+    `objective`: the trial metric Optuna maximises; `stages`: what a trial runs after pre-training."""
+
+    name: str
+    table: str
+    file: str
+    title: str
+    paper_study: str
+    settings: tuple[Setting, ...]
+    base: tuple[str, ...] = ()
+    objective: str = "ft_top1"
+    stages: tuple[str, ...] = FULL_CHAIN
+    notes: str = ""
+    labels: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(s.label for s in self.settings))
+
+    def setting(self, label: str) -> Setting:
+        for item in self.settings:
+            if item.label == label:
+                return item
+        raise KeyError(f"study {self.name!r} has no setting {label!r}; settings: {', '.join(self.labels)}")
+
+
+def _same(label: str, *overrides: str) -> Setting:
+    """A setting whose label is also the paper's row label."""
+    return Setting(label, tuple(overrides), paper=label)
+
+
+_TRAJ = ("target.kind=traj",)
+
+STUDIES: dict[str, Study] = {s.name: s for s in (
+    Study("content", "5", "table5_content", "Reconstruction content", "content", (
+        _same("Pixel", "target.kind=pixel"),
+        _same("HOG", "target.kind=hog", "target.interpolate=false"),
+        _same("HOG+Flow", "target.kind=hog+flow", "target.interpolate=false"),
+        _same("HOG+HOF", "target.kind=hog+hof", "target.interpolate=false"),
+        _same("HOG+MBH", "target.kind=hog+mbh", "target.interpolate=false"),
+        _same("HOG+Traj w/o shape", "target.kind=hog+traj_pos", "target.interpolate=true"),
+        _same("Traj", "target.kind=traj", "target.interpolate=true"),
+        Setting("MotionMAE", ("target.kind=motionmae",), paper=None),
+    ), notes="MotionMAE (arXiv 2210.04154) is an extra row; the paper does not compare with it."),
+    Study("interpolation", "6", "table6_interpolation", "Trajectory interpolation", "interpolation", (
+        _same("HOG no-interp", "target.kind=hog", "target.interpolate=false"),
+        _same("HOG interp", "target.kind=hog", "target.interpolate=true"),
+        _same("HOG+MBH no-interp", "target.kind=hog+mbh", "target.interpolate=false"),
+        _same("HOG+MBH interp", "target.kind=hog+mbh", "target.interpolate=true"),
+        _same("Traj no-interp", "target.kind=traj", "target.interpolate=false"),
+        _same("Traj interp", "target.kind=traj", "target.interpolate=true"),
+    )),
+    Study("length", "7a", "table7a_length", "Trajectory length L", "length", tuple(
+        _same(f"L={n}", f"target.length={n}") for n in (4, 6, 8)), base=_TRAJ),
+    Study("norm", "7b", "table7b_norm", "Trajectory patch normalisation", "norm", (
+        _same("w/o patch norm", "target.patch_norm=false"),
+        _same("w/ patch norm", "target.patch_norm=true"),
+    ), base=_TRAJ),
+    Study("density", "7c", "table7c_density", "Trajectory density", "density", (
+        _same("Dense", "target.density=dense"),
+        _same("Sparse (Max)", "target.density=max"),
+        _same("Sparse (Mean)", "target.density=mean"),
+    ), base=_TRAJ),
+    Study("stride", "7d", "table7d_stride", "Sampling stride s", "stride", tuple(
+        _same(f"s={s}", f"data.stride={s}") for s in (4, 3, 2, 1)), base=_TRAJ),
+    Study("masking", "7e", "table7e_masking", "Spatial masking", "masking", (
+        _same("90% tube", "mask.kind=tube", "mask.ratio=0.9"),
+        _same("70% tube", "mask.kind=tube", "mask.ratio=0.7"),
+        _same("40% tube", "mask.kind=tube", "mask.ratio=0.4"),
+        _same("40% cube", "mask.kind=cube", "mask.ratio=0.4"),
+    ), base=_TRAJ),
+    Study("decoder", "7f", "table7f_decoder", "Decoder", "decoder", tuple(
+        _same(f"{mode.capitalize()} depth {depth}", f"model.decoder_mode={mode}", f"model.decoder_depth={depth}")
+        for mode in ("joint", "separate") for depth in (1, 2)), base=_TRAJ),
+    Study("shuffle", "fig3", "fig3_shuffle", "Pre-training on frame-shuffled video", "shuffle", tuple(
+        _same(f"{method} {video} video", f"target.kind={kind}", f"data.shuffle_frames={shuffled}")
+        for method, kind in (("VideoMAE", "pixel"), ("MME", "traj"))
+        for video, shuffled in (("raw", "false"), ("shuffled", "true")))),
+    Study("probe", "4", "table4_probe", "Linear probing", "linear_probe", (
+        Setting("VideoMAE (pixel)", ("target.kind=pixel",), paper="VideoMAE SSv2"),
+        Setting("MME (traj)", ("target.kind=traj",), paper="MME SSv2"),
+    ), objective="probe_top1", stages=("pretrain", "probe"),
+        notes="The paper's TimeSformer and SVT rows are other backbones; they are not re-run."),
+)}
+
+ALL = "all"
+
+
+def get_study(name: str) -> Study:
+    """The study called `name`; an unknown name raises a `KeyError` that lists the studies."""
+    if name not in STUDIES:
+        raise KeyError(f"unknown study {name!r}; choose one of: {', '.join(STUDIES)} (or {ALL!r} for every one)")
+    return STUDIES[name]
+
+
+def study_names(name: str) -> list[str]:
+    """`all` -> every study in table order; otherwise the one (checked) name."""
+    return list(STUDIES) if name == ALL else [get_study(name).name]
+
+
+def optuna_study_name(study: str, preset: str, dataset: str, overrides: tuple[str, ...] = (),
+                      budget: tuple[str, ...] = ()) -> str:
+    """`<study>-<preset>-<dataset>`, plus `-b<hash>` of the preset's trial budget and `-<hash>` of any
+    extra `--set` overrides, so that runs with different budgets or base settings never share (and mix)
+    one Optuna study, and a changed budget starts a new study rather than resuming the old one."""
+    name = f"{study}-{preset}-{dataset}"
+    if budget:
+        name += f"-b{_digest(budget)}"
+    if overrides:
+        name += f"-{_digest(overrides)}"
+    return name
+
+
+def _digest(overrides: tuple[str, ...]) -> str:
+    return hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
