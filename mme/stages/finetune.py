@@ -75,16 +75,17 @@ def single_view(cfg: Config) -> Config:
     return view
 
 
-def init_from(model: nn.Module, path: Path) -> str | None:
+def init_from(model: nn.Module, path: Path, allow_partial: bool = False) -> str | None:
     """Load the starting weights; returns the pre-training MLflow run id the file records, if any."""
-    load_checkpoint(model, path)
+    load_checkpoint(model, path, allow_partial=allow_partial)
     data = read_checkpoint(path)
     return data.get("pretrain_run_id") or (data.get("mlflow_run_id") if data.get("stage") == "pretrain" else None)
 
 
 def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path | None = None,
-        **_: Any) -> dict[str, Any]:
-    """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step."""
+        allow_partial: bool = False, **_: Any) -> dict[str, Any]:
+    """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step; `allow_partial`
+    accepts an `init` whose encoder covers the model only in part."""
     from mme.data.datasets import VideoClsDataset
 
     env, paths, train = init_distributed(), Paths(workdir), cfg.finetune
@@ -103,9 +104,9 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
     init = Path(init) if init else paths.models_dir("pretrain") / "checkpoint.pt"
     if resume:
         state = load_training_state(paths.models_dir(STAGE) / LAST, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler)
+                                    scheduler=scheduler, scaler=scaler, config=cfg.to_dict(), stage=STAGE)
     else:
-        state = {"epoch": 0, "history": [], "pretrain_run_id": init_from(model, init)}
+        state = {"epoch": 0, "history": [], "pretrain_run_id": init_from(model, init, allow_partial)}
     keep = dict(config=cfg.to_dict(), model_args=model_args(cfg), num_classes=train_set.num_classes,
                 pretrain_run_id=state.get("pretrain_run_id"))
     loss_fn = ClassificationLoss(train_set.num_classes, train.mixup, train.cutmix, train.label_smoothing)

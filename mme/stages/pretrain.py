@@ -24,7 +24,7 @@ from mme.engine.optim import build_optimizer, build_scheduler, scaled_lr
 from mme.engine.tracking import EpochRecorder, log_artifact, log_params, stage_run
 from mme.models import build_pretrainer, model_args
 from mme.paths import Paths
-from mme.utils import seed_everything, write_json
+from mme.utils import report_skipped, seed_everything, write_json
 
 STAGE = "pretrain"
 
@@ -58,7 +58,7 @@ def optimization(train: Any, model: nn.Module, updates: int, world_size: int, la
 
 
 def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows: list[dict[str, float]],
-                 keys: tuple[str, ...], **checkpoint: Any) -> dict[str, Any]:
+                 keys: tuple[str, ...], skipped: dict[str, Any] | None = None, **checkpoint: Any) -> dict[str, Any]:
     """Final checkpoint (weights + args + config, no optimizer), metrics JSON and MLflow artifact.
 
     Returns:
@@ -68,6 +68,7 @@ def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows:
     metrics = {k: v for k, v in last.items() if k in keys or k.startswith("loss_")}
     metrics |= {k: checkpoint.get(k) for k in ("mlflow_run_id", "pretrain_run_id") if k in checkpoint}
     metrics["seconds"] = sum(row.get("epoch_time", 0.0) for row in rows)  # training time over all epochs
+    metrics |= skipped or {}  # inputs the stage dropped (`mme.utils.report_skipped`)
     final = paths.models_dir(stage) / FINAL
     if env.is_main:
         save_checkpoint(final, model=model, history=rows, stage=stage, **checkpoint)
@@ -83,6 +84,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
     env, paths, train = init_distributed(), Paths(workdir), cfg.pretrain
     seed_everything(cfg.seed)
     dataset = PretrainDataset(cfg, paths.workdir, "train")
+    skipped = report_skipped(paths.skipped_file, STAGE, dataset.skipped, enabled=env.is_main)
     loader = make_loader(dataset, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, drop_last=True)
     updates = updates_per_epoch(len(loader), train.accum_steps, f"pretrain on {len(dataset)} clips")
@@ -93,7 +95,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
     state = {"epoch": 0, "history": []}
     if resume:
         state = load_training_state(paths.models_dir(STAGE) / LAST, model=model, optimizer=optimizer,
-                                    scheduler=scheduler, scaler=scaler)
+                                    scheduler=scheduler, scaler=scaler, config=cfg.to_dict(), stage=STAGE)
     ddp_model = wrap_ddp(model, env)
     recorder = EpochRecorder(paths.plots_dir / f"{STAGE}.csv", env.is_main, state["history"])
     tags = {"resumed_from": state["mlflow_run_id"]} if resume and state.get("mlflow_run_id") else {}
@@ -115,4 +117,4 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
                                 mlflow_run_id=run_id, stage=STAGE)
         return finish_stage(STAGE, paths, env, model, recorder.rows, ("loss", "clips_per_s"),
                             epoch=train.epochs, step=train.epochs * updates, config=cfg.to_dict(), model_args=args,
-                            mlflow_run_id=run_id)
+                            mlflow_run_id=run_id, skipped=skipped)

@@ -137,7 +137,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
     state = {"epoch": 0, "history": []}
     if resume:
         state = load_training_state(paths.models_dir(STAGE) / LAST, model=head, optimizer=optimizer,
-                                    scheduler=scheduler)
+                                    scheduler=scheduler, config=cfg.to_dict(), stage=STAGE)
     pretrain_run_id = data.get("pretrain_run_id")
     recorder = EpochRecorder(paths.plots_dir / f"{STAGE}.csv", env.is_main, state["history"])
     with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main,
