@@ -84,7 +84,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
     env, paths, train = init_distributed(), Paths(workdir), cfg.pretrain
     seed_everything(cfg.seed)
     dataset = PretrainDataset(cfg, paths.workdir, "train")
-    skipped = report_skipped(paths.skipped_file, STAGE, dataset.skipped, enabled=env.is_main)
+    skipped = report_skipped(paths.skipped_file, STAGE, getattr(dataset, "skipped", []), enabled=env.is_main)
     loader = make_loader(dataset, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
                          num_workers=cfg.data.num_workers, drop_last=True)
     updates = updates_per_epoch(len(loader), train.accum_steps, f"pretrain on {len(dataset)} clips")
