@@ -1,7 +1,10 @@
 """Command line: argument parsing and wiring only (one sub-command per stage).
 
 Every stage command takes `--preset`, `--set key=value` (repeatable), `--workdir` and `--params`,
-builds the resolved config and calls `mme.stages.<stage>.run(cfg, workdir, **options)`.
+builds the resolved config, checks that the folders it writes are writable, and calls
+`mme.stages.<stage>.run(cfg, workdir, **options)`. `main` is the one place that turns the project's
+errors into one line on stderr and an exit code: 2 for a bad config, 1 for other bad input (a file,
+a video, a checkpoint, a permission), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,17 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         if command in ("finetune", "probe", "evaluate"):
             p.add_argument("--init", type=Path, default=None,
                            help="checkpoint to start from (this project's or an official VideoMAE/MME one)")
+        if command == "finetune":
+            p.add_argument("--allow-partial", action="store_true", default=None,
+                           help="accept an --init whose encoder covers the model only in part (other depth)")
         if command == "inspect-targets":
             p.add_argument("video", type=Path, help="a video file")
             p.add_argument("--out", type=Path, required=True, help="output .npz")
     p = sub.add_parser("params", help="write a complete params.yaml for a preset (what DVC tracks)")
     _shared(p)
-    p.add_argument("--out", type=Path, default=Path("params.yaml"), help="output file (default params.yaml)")
+    p.add_argument("--out", type=Path, default=Path("params.yaml"),
+                   help="output file (default params.yaml; - for stdout)")
     return parser
 
 
 def write_params(cfg, out: Path) -> dict:
-    """Write the resolved config as a params.yaml (atomic); the pipeline then reads it."""
+    """Write the resolved config as a params.yaml (atomic; `-` is stdout); the pipeline then reads it."""
     import yaml
 
     from mme.config import params_tree
@@ -86,12 +94,41 @@ def resolve_params(args: argparse.Namespace) -> Path | None:
         return None
     from mme.config import load_params
 
-    file_preset = load_params(default).get("preset", "mini")
+    file_preset = params_preset(default) if args.preset else load_params(default).get("preset", "mini")
     if args.preset and args.preset != file_preset:
         print(f"mme: params.yaml is for preset {file_preset!r}; ignoring it for --preset {args.preset} "
               "(pass --params params.yaml to apply it anyway)", file=sys.stderr)
         return None
     return default
+
+
+def params_preset(path: Path) -> str:
+    """The preset a params file is for; a file that is not valid YAML is scanned for its `preset:` line
+    only, so that a `--preset` which ignores the file is not stopped by it."""
+    from mme.config import load_params
+
+    try:
+        return load_params(path).get("preset", "mini")
+    except ConfigError:
+        found = re.search(r"^preset:[ \t]*['\"]?([\w-]+)", path.read_text(errors="replace"), re.MULTILINE)
+        if found is None:
+            raise
+        return found.group(1)
+
+
+def output_dirs(command: str, workdir: Path) -> list[Path]:
+    """The folders a command writes into, checked before its work starts."""
+    from mme.paths import Paths
+
+    paths = Paths(workdir)
+    dirs = [paths.workdir, paths.metrics_dir]
+    if command in ("pretrain", "finetune", "probe", "evaluate"):
+        dirs += [paths.plots_dir, paths.models_dir(command)]
+    if command in ("download", "extract"):
+        dirs.append(paths.workdir / "data")
+    if command == "report":
+        dirs += [paths.tables_dir, paths.figures_dir]
+    return dirs
 
 
 def stage_options(args: argparse.Namespace) -> dict:
@@ -108,34 +145,55 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mme.data.sources import DownloadError, ExtractError
     from mme.data.video import VideoError
 
-    return (ConfigError, FileNotFoundError, ValueError, DownloadError, ExtractError, VideoError, FloatingPointError)
+    return (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+            DownloadError, ExtractError, VideoError, FloatingPointError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _interrupted(command: str) -> str:
+    if command in ("pretrain", "finetune", "probe"):
+        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: continue with "
+                f"`mme {command} --resume` (same options)")
+    return "interrupted; finished outputs are kept, run the command again to complete it"
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Build the config and run one command (errors propagate to `main`)."""
     overrides = list(args.overrides)
     if getattr(args, "dataset", None):
         overrides.insert(0, f"data.dataset={args.dataset}")
     if args.params is not None and not args.params.exists():
-        print(f"mme: params file {args.params} does not exist", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.preset, overrides, params=resolve_params(args))
-    except ConfigError as exc:
-        print(f"mme: config error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"params file {args.params} does not exist")
+    cfg = load_config(args.preset, overrides, params=resolve_params(args))
     if args.command == "params":
-        print(json.dumps(write_params(cfg, args.out)))
+        summary = json.dumps(write_params(cfg, args.out))
+        from mme.utils import is_special_target  # YAML on stdout/a pipe: the summary goes to stderr
+
+        to_stderr = str(args.out) == "-" or is_special_target(args.out)
+        print(summary, file=sys.stderr if to_stderr else sys.stdout)
         return 0
+    from mme.utils import ensure_writable
+
+    ensure_writable(*output_dirs(args.command, args.workdir))
     module = importlib.import_module(f"mme.stages.{STAGES[args.command][0]}")
-    try:
-        result = module.run(cfg, args.workdir, **stage_options(args))
-    except _user_errors() as exc:
-        print(f"mme {args.command}: {exc}", file=sys.stderr)
-        return 1
+    result = module.run(cfg, args.workdir, **stage_options(args))
     if isinstance(result, dict) and os.environ.get("RANK", "0") == "0":  # torchrun: print once
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except KeyboardInterrupt:
+        message, code = _interrupted(args.command), 130
+    except ConfigError as exc:
+        message, code = f"config error: {exc}", 2
+    except _user_errors() as exc:
+        message, code = str(exc), 1
+    prefix = "mme" if code == 2 else f"mme {args.command}"
+    print(f"{prefix}: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message holds
+    return code
 
 
 if __name__ == "__main__":

@@ -379,8 +379,36 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
             _set(cfg, name, value)
 
 
+# Counts: key -> smallest allowed value (no upper bound). Zero workers means "in this process"; a
+# negative or zero epoch count would make a run that trains nothing and still writes a final checkpoint.
+COUNTS: dict[str, int] = {
+    "data.short_side": 1, "data.input_size": 1, "data.num_workers": 0,
+    "data.synthetic.num_videos": 1, "data.synthetic.num_frames": 2, "data.synthetic.size": 1,
+    "data.synthetic.fps": 1, "data.synthetic.distractors": 0, "data.synthetic.workers": 0,
+    "flow.workers": 0,
+    "model.patch_size": 1, "model.tubelet_size": 1,
+    "pretrain.epochs": 1, "pretrain.batch_size": 1, "pretrain.warmup_epochs": 0, "pretrain.accum_steps": 1,
+    "finetune.epochs": 1, "finetune.batch_size": 1, "finetune.warmup_epochs": 0, "finetune.accum_steps": 1,
+    "probe.epochs": 1, "probe.batch_size": 1,
+    "evaluate.num_clips": 1, "evaluate.num_crops": 1, "evaluate.batch_size": 1,
+}
+# Non-negative amounts (0 switches the feature off).
+NON_NEGATIVE = ("pretrain.clip_grad", "finetune.clip_grad", "finetune.mixup", "finetune.cutmix")
+
+
+def validate_counts(flat: dict[str, Any]) -> None:
+    """Every count within its range (`COUNTS`, `NON_NEGATIVE`); the error names the key and the range."""
+    for key, low in COUNTS.items():
+        if flat[key] < low:
+            raise ConfigError(f"{key}={flat[key]} is out of range: it must be an integer >= {low}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}={flat[key]} is out of range: it must be >= 0 (0 = off)")
+
+
 def validate(cfg: Config) -> None:
     flat = cfg.flat()
+    validate_counts(flat)
     for key in (*CHOICES, *REGISTERED):
         allowed = allowed_values(key)
         if flat[key] not in allowed:
@@ -411,7 +439,14 @@ def load_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return {}
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix it or regenerate it with "
+                          "`mme params --preset NAME`") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     return tree

@@ -121,7 +121,8 @@ def _num_classes(lists_dir: Path, rows: list[tuple[str, int]]) -> int:
 
 
 class PretrainDataset(Dataset):
-    """Pre-training clips of one split with their targets (docs/interfaces.md); `.skipped` lists dropped videos."""
+    """Pre-training clips of one split with their targets (docs/interfaces.md); `.skipped` lists dropped videos
+    as (video, reason), which the stage names, lists and counts (`mme.utils.report_skipped`)."""
 
     def __init__(self, cfg, workdir: str | Path, split: str = "train"):
         self.cfg = cfg
@@ -203,6 +204,7 @@ class VideoClsDataset(Dataset):
 
     In train mode with `finetune.token_drop > 0` an item also has `mask` (N,) bool, True = token dropped:
     a tube mask of that ratio from the item's rng (reproducible per seed, epoch and index).
+    It drops no listed video (download already left out the broken ones): one that cannot be read fails.
     """
 
     def __init__(self, cfg, workdir: str | Path, split: str, mode: str = "train"):
@@ -218,7 +220,6 @@ class VideoClsDataset(Dataset):
             raise FileNotFoundError(f"video list {paths.list_file(cfg.data.dataset, split)} is empty; "
                                     f"run `mme download --dataset {cfg.data.dataset}`")
         self.num_classes = _num_classes(paths.lists_dir(cfg.data.dataset), self.items)
-        self.skipped: list[tuple[str, str]] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

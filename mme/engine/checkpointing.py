@@ -5,6 +5,10 @@ weights, the optimizer, scheduler and grad-scaler states, the epoch and update s
 python, numpy and torch, the resolved config and the model arguments (so the model can be rebuilt from
 the file alone), plus stage extras (MLflow run ids). It is written to a temporary file and renamed, so a
 killed run leaves the previous checkpoint intact.
+
+Two guards keep a trained model from being lost or mixed up: a final checkpoint of a run that made no
+update never replaces one that holds a trained model, and a resume is refused when the config stored
+in `last.pt` differs from the current one on a key that changes what is trained (`RESUME_KEYS`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,18 @@ import torch
 import torch.nn as nn
 
 from mme.engine.distributed import unwrap
+from mme.models.checkpoint import CheckpointError, read_checkpoint
 from mme.utils import atomic_path
 
 LAST = "last.pt"
 FINAL = "checkpoint.pt"
+# Keys a resume must share with the run it continues: the model, the clip geometry and dataset, and the
+# stage's per-rank batch and accumulation (they fix the update size, the schedule length and the data
+# order). Epoch counts and learning rates may change (extending a schedule is a resume).
+RESUME_PREFIXES = ("model.",)
+RESUME_KEYS = ("data.dataset", "data.num_frames", "data.input_size", "data.short_side", "data.stride",
+               "data.sampling")
+RESUME_STAGE_KEYS = ("batch_size", "accum_steps")
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,6 +62,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, epoch: int, step: int
         step: number of completed optimizer updates.
         extra: stage data (e.g. `mlflow_run_id`, `pretrain_run_id`, `num_classes`, `history`).
     """
+    if Path(path).name == FINAL:
+        guard_final(path, step)
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -67,15 +81,71 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, epoch: int, step: int
     return Path(path)
 
 
+def guard_final(path: str | Path, step: int) -> None:
+    """Refuse to replace a trained final checkpoint with the weights of a run that made no update.
+
+    Raises:
+        CheckpointError: `step` <= 0 while `path` holds a model trained for at least one update.
+    """
+    path = Path(path)
+    if step > 0 or not path.is_file():
+        return
+    try:
+        trained = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step") or 0)
+    except Exception:  # noqa: BLE001  an unreadable file holds nothing worth keeping
+        return
+    if trained > 0:
+        raise CheckpointError(f"refusing to replace {path} (trained for {trained} updates) with an untrained model "
+                              f"({step} updates in this run); check the stage's epochs, or delete the file first")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def resume_mismatches(saved: dict[str, Any], current: dict[str, Any], stage: str) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every `RESUME_*` key whose value changed; keys missing from
+    either config (an older file) are not compared."""
+    old, new = _flat(saved), _flat(current)
+    keys = [k for k in new if k.startswith(RESUME_PREFIXES)]
+    keys += [*RESUME_KEYS, *(f"{stage}.{k}" for k in RESUME_STAGE_KEYS)]
+    return [(k, old[k], new[k]) for k in dict.fromkeys(keys) if k in old and k in new and old[k] != new[k]]
+
+
+def check_resume(path: str | Path, saved: dict[str, Any] | None, current: dict[str, Any], stage: str) -> None:
+    """Raise a `CheckpointError` naming the keys on which `current` differs from the config of `path`."""
+    changed = resume_mismatches(saved or {}, current, stage)
+    if changed:
+        diff = ", ".join(f"{k}={new!r} (the run has {old!r})" for k, old, new in changed)
+        sets = " ".join(f"--set {k}={'null' if old is None else old}" for k, old, _ in changed)
+        raise CheckpointError(f"cannot resume from {path}: {diff}; resume with the run's values ({sets}) "
+                              "or start a new run without --resume")
+
+
 def load_training_state(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                         scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
-                        restore_rng: bool = True) -> dict[str, Any]:
-    """Restore a run from `path` (strict weights, optimizer, scheduler, scaler, RNG); returns the file's dict."""
+                        restore_rng: bool = True, config: dict[str, Any] | None = None,
+                        stage: str | None = None) -> dict[str, Any]:
+    """Restore a run from `path` (strict weights, optimizer, scheduler, scaler, RNG); returns the file's dict.
+
+    Args:
+        config, stage: the current resolved config (`Config.to_dict()`) and stage name; when given, the
+            resume is refused if it differs from the file's config on a `RESUME_*` key.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist (run the stage without --resume first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    unwrap(model).load_state_dict(state["model"])
+    state = read_checkpoint(path, full=True)
+    if config is not None and stage is not None:
+        check_resume(path, state.get("config"), config, stage)
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: its weights do not fit this model "
+                              f"({' '.join(str(exc).split())[:160]}); start a new run without --resume") from exc
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

@@ -42,6 +42,7 @@ class TrainingPlan:
         carry: keys of `keep` taken from `last.pt` on resume and from `start()` otherwise.
         start: called on a fresh (not resumed) run before training; returns values for `carry`.
         validate: called with the (unwrapped) model after each epoch; its metrics are recorded as `val_*`.
+        metrics: extra values for the metrics JSON (e.g. the inputs the stage dropped, `report_skipped`).
         ddp: wrap the model in DistributedDataParallel when the process group has several ranks.
     """
 
@@ -67,6 +68,7 @@ class TrainingPlan:
     validate: Callable[[nn.Module], dict[str, float]] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def single_view(cfg: Config) -> Config:
@@ -76,11 +78,14 @@ def single_view(cfg: Config) -> Config:
     return view
 
 
-def initial_state(plan: TrainingPlan, paths: Paths, resume: bool) -> dict[str, Any]:
-    """`last.pt` restored into the plan's model/optimizer/scheduler/scaler, or a fresh start."""
+def initial_state(cfg: Config, plan: TrainingPlan, paths: Paths, resume: bool) -> dict[str, Any]:
+    """`last.pt` restored into the plan's model/optimizer/scheduler/scaler, or a fresh start.
+
+    Resuming refuses a `last.pt` written under another model or batch geometry (`load_training_state`)."""
     if resume:
         return load_training_state(paths.models_dir(plan.stage) / LAST, model=plan.model, optimizer=plan.optimizer,
-                                   scheduler=plan.scheduler, scaler=plan.scaler)
+                                   scheduler=plan.scheduler, scaler=plan.scaler, config=cfg.to_dict(),
+                                   stage=plan.stage)
     return {"epoch": 0, "history": []} | (plan.start() if plan.start is not None else {})
 
 
@@ -94,7 +99,7 @@ def run_tags(plan: TrainingPlan, keep: dict[str, Any], state: dict[str, Any], re
 def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, resume: bool = False
                 ) -> dict[str, Any]:
     """Train a stage to `plan.epochs` (from `last.pt` with `resume`); returns `finish_stage`'s metrics."""
-    state = initial_state(plan, paths, resume)
+    state = initial_state(cfg, plan, paths, resume)
     keep = plan.keep | {key: state.get(key) for key in plan.carry}
     model = wrap_ddp(plan.model, env) if plan.ddp else plan.model
     device = plan.device or env.device
@@ -117,11 +122,11 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
                                 scheduler=plan.scheduler, scaler=plan.scaler, epoch=epoch + 1,
                                 step=(epoch + 1) * plan.updates, history=recorder.rows, stage=plan.stage, **keep)
         return finish_stage(plan.stage, paths, env, plan.model, recorder.rows, plan.keys, epoch=plan.epochs,
-                            step=plan.epochs * plan.updates, **keep)
+                            step=plan.epochs * plan.updates, extra=plan.metrics, **keep)
 
 
 def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows: list[dict[str, float]],
-                 keys: tuple[str, ...], **checkpoint: Any) -> dict[str, Any]:
+                 keys: tuple[str, ...], extra: dict[str, Any] | None = None, **checkpoint: Any) -> dict[str, Any]:
     """Final checkpoint (weights + args + config, no optimizer), metrics JSON and MLflow artifact.
 
     Returns:
@@ -131,6 +136,7 @@ def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows:
     metrics = {k: v for k, v in last.items() if k in keys or k.startswith("loss_")}
     metrics |= {k: checkpoint.get(k) for k in ("mlflow_run_id", PRETRAIN_RUN_ID) if k in checkpoint}
     metrics["seconds"] = sum(row.get("epoch_time", 0.0) for row in rows)  # training time over all epochs
+    metrics |= extra or {}
     final = paths.models_dir(stage) / FINAL
     if env.is_main:
         save_checkpoint(final, model=model, history=rows, stage=stage, **checkpoint)

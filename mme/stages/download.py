@@ -15,7 +15,7 @@ from mme.data import sources, synthetic
 from mme.data.lists import relative_to_workdir, stratified_split, write_classes, write_list
 from mme.engine.tracking import log_metrics, stage_run
 from mme.paths import Paths
-from mme.utils import record_skipped, write_json
+from mme.utils import report_skipped, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -50,7 +50,7 @@ def run(cfg: Config, workdir: str | Path = ".", *, progress: bool = True) -> dic
         else:
             prepared = sources.prepare(cfg, workdir, progress)
         write_dataset_lists(workdir, dataset, prepared)
-        record_skipped(paths.skipped_file, "download", prepared.skipped)
+        report_skipped(paths.skipped_file, "download", prepared.skipped)
         counts = {f"videos_{split}": len(prepared.splits.get(split, [])) for split in SPLITS}
         result = {
             "dataset": dataset,

@@ -69,8 +69,9 @@ class ClassificationLoss:
 
 
 def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path | None = None,
-        **_: Any) -> dict[str, Any]:
-    """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step."""
+        allow_partial: bool = False, **_: Any) -> dict[str, Any]:
+    """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step; `allow_partial`
+    accepts an `init` whose encoder covers the model only in part."""
     from mme.datasets import VideoClsDataset
 
     with process_group() as env:
@@ -94,7 +95,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
             scaler=make_scaler(env.device, train.amp), accum_steps=train.accum_steps, clip_grad=train.clip_grad,
             amp=train.amp, keep={"config": cfg.to_dict(), "model_args": model_args(cfg),
                                  "num_classes": train_set.num_classes},
-            carry=(PRETRAIN_RUN_ID,), start=lambda: {PRETRAIN_RUN_ID: init_from(model, init)},
+            carry=(PRETRAIN_RUN_ID,), start=lambda: {PRETRAIN_RUN_ID: init_from(model, init, allow_partial)},
             validate=lambda m: evaluate(m, val_loader, env.device, train.amp, show_progress=env.is_main),
             params={"derived.total_batch": total_batch}, tags={"init": str(init)})
         return train_stage(cfg, paths, env, plan, resume)

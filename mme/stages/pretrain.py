@@ -22,7 +22,7 @@ from mme.engine.loops import make_loader, make_scaler
 from mme.engine.optim import optimization, updates_per_epoch
 from mme.models import build_pretrainer, model_args
 from mme.paths import Paths
-from mme.utils import seed_everything
+from mme.utils import report_skipped, seed_everything
 
 STAGE = "pretrain"
 
@@ -41,6 +41,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
         paths, train = Paths(workdir), cfg.pretrain
         seed_everything(cfg.seed)
         dataset = PretrainDataset(cfg, paths.workdir, "train")
+        skipped = report_skipped(paths.skipped_file, STAGE, getattr(dataset, "skipped", []), enabled=env.is_main)
         loader = make_loader(dataset, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, drop_last=True)
         updates = updates_per_epoch(len(loader), train.accum_steps, f"pretrain on {len(dataset)} clips")
@@ -52,5 +53,5 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
             keys=("loss", "clips_per_s"), scaler=make_scaler(env.device, train.amp), accum_steps=train.accum_steps,
             clip_grad=train.clip_grad, amp=train.amp, keep={"config": cfg.to_dict(), "model_args": args},
             params={"derived.total_batch": total_batch, "derived.updates_per_epoch": updates,
-                    "derived.num_params": sum(p.numel() for p in model.parameters())})
+                    "derived.num_params": sum(p.numel() for p in model.parameters())}, metrics=skipped)
         return train_stage(cfg, paths, env, plan, resume)
