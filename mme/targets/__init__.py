@@ -21,14 +21,16 @@ from mme.targets.base import (
     PATCH_NORM_EPS,
     TARGETS,
     PartValue,
+    TargetBatch,
     TargetGeometry,
     TargetInputs,
     TargetSpec,
     get_target,
+    pad_flow,
     standardize,
     target_parts,
 )
 from mme.targets.trajectory import Trajectories, track_tokens
 
-__all__ = ["PATCH_NORM_EPS", "TARGETS", "PartValue", "TargetGeometry", "TargetInputs", "TargetSpec",
-           "Trajectories", "get_target", "standardize", "target_parts", "track_tokens"]
+__all__ = ["PATCH_NORM_EPS", "TARGETS", "PartValue", "TargetGeometry", "TargetBatch", "TargetInputs", "TargetSpec",
+           "Trajectories", "get_target", "pad_flow", "standardize", "target_parts", "track_tokens"]
