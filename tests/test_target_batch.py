@@ -128,3 +128,18 @@ def test_padded_flow_and_its_pair_count_decide_validity():
     assert torch.equal(got_valid[0], want_valid) and (got[0] - want).abs().max() <= TOL
     _, all_real = TARGETS["traj"].build_batch(TargetBatch(short.frames[None], short.offsets, padded[None]), cfg)
     assert all_real.sum() > want_valid.sum()
+
+
+@pytest.mark.parametrize("kind", sorted(TARGETS))
+def test_delivered_luma_builds_the_same_targets(kind):
+    """Kinds without colour build from the clips' luma alone; the colour kinds ask for frames."""
+    cfg = MAKER.config(kind, MAKER.SETTINGS[0])
+    clips = [item(kind, 0), item(kind, 1)]
+    spec = TARGETS[kind]
+    if spec.needs_rgb:
+        with pytest.raises(ValueError, match="colour"):
+            spec.build_batch(TargetBatch.collate(clips, luma_only=True), cfg)
+        return
+    want, want_valid = spec.build_batch(TargetBatch.collate(clips), cfg)
+    got, got_valid = spec.build_batch(TargetBatch.collate(clips, luma_only=True), cfg)
+    assert torch.equal(got_valid, want_valid) and torch.equal(got, want)

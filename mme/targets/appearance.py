@@ -61,13 +61,14 @@ class PixelTarget(TargetSpec):
     """`pixel` (VideoMAE): the tube's pixels, patch-normalised per colour channel."""
 
     name = "pixel"
+    needs_rgb = True
 
     def parts(self, cfg) -> dict[str, int]:
         geo = TargetGeometry.from_cfg(cfg)
         return {"pixel": geo.tubelet * geo.patch ** 2 * 3}
 
     def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
-        clip = inputs.frames[:, inputs.rows(geo.input_offsets)] / PIXEL_SCALE
+        clip = inputs.rgb[:, inputs.rows(geo.input_offsets)] / PIXEL_SCALE
         pixels = tube_pixels(clip, geo)
         return [PartValue("pixel", pixels, channels=3)]
 
@@ -87,7 +88,7 @@ class MotionMaeTarget(PixelTarget):
 
     def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         now = torch.tensor(geo.input_offsets)
-        diff = (inputs.frames[:, inputs.rows(now + 1)] - inputs.frames[:, inputs.rows(now)]) / PIXEL_SCALE
+        diff = (inputs.rgb[:, inputs.rows(now + 1)] - inputs.rgb[:, inputs.rows(now)]) / PIXEL_SCALE
         diff = tube_pixels(diff, geo)
         return [*super().compute(inputs, geo), PartValue("diff", diff, channels=3)]
 

@@ -143,27 +143,40 @@ class TargetBatch:
     Every tensor is on the device the targets are built on (cpu or cuda); the clips share their geometry.
 
     Attributes:
-        frames: float32 (B, F, H, W, 3), 0..255, each clip's decoded and augmented frames at `offsets`.
+        frames: float32 (B, F, H, W, 3), 0..255, each clip's decoded and augmented frames at `offsets`; may be
+            None when `luma` is given and the kind reads no colour (`TargetSpec.needs_rgb` False).
         offsets: long (F,), the sorted distinct offsets from the clip start, shared by the batch.
         flow: float32 (B, S, H, W, 2) augmented flow, pair i from offset i to i+1, zero after a clip's real
             pairs; None for kinds without flow.
         flow_pairs: long (B,), the real pairs of each clip (fewer than S at the end of a video: trajectories
             and flow descriptors that need a later pair are invalid); None: all S.
+        luma: float32 (B, F, H, W), the frames' luma (`to_gray`), when delivered instead of computed here: a
+            third of the frames' bytes for the kinds that read no colour.
     """
 
-    frames: torch.Tensor
+    frames: torch.Tensor | None
     offsets: torch.Tensor
     flow: torch.Tensor | None = None
     flow_pairs: torch.Tensor | None = None
+    luma: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.frames is None and self.luma is None:
+            raise ValueError("TargetBatch needs frames or luma")
 
     @classmethod
-    def collate(cls, items: list[TargetInputs]) -> TargetBatch:
-        """Stack clips of one geometry; their flow windows are zero-padded to the longest."""
-        frames = torch.stack([item.frames for item in items])
+    def collate(cls, items: list[TargetInputs], luma_only: bool = False) -> TargetBatch:
+        """Stack clips of one geometry; their flow windows are zero-padded to the longest.
+
+        luma_only: stack the clips' luma (`TargetInputs.gray`) instead of their frames.
+        """
+        frames = None if luma_only else torch.stack([item.frames for item in items])
+        luma = torch.stack([item.gray for item in items]) if luma_only else None
         if any(item.flow is None for item in items):
-            return cls(frames, items[0].offsets)
+            return cls(frames, items[0].offsets, luma=luma)
         flows, pairs = zip(*(pad_flow(item.flow, max(len(i.flow) for i in items)) for item in items))
-        return cls(frames, items[0].offsets, torch.stack(flows), torch.tensor(pairs, device=frames.device))
+        device = items[0].flow.device
+        return cls(frames, items[0].offsets, torch.stack(flows), torch.tensor(pairs, device=device), luma)
 
     def rows(self, offsets) -> torch.Tensor:
         """Positions along dim 1 of `frames` of the given offsets (any shape), on the batch's device."""
@@ -171,19 +184,27 @@ class TargetBatch:
 
     @functools.cached_property
     def gray(self) -> torch.Tensor:
-        """(B, F, H, W) luma of `frames`."""
-        return to_gray(self.frames)
+        """(B, F, H, W) luma of `frames` (`luma` when given)."""
+        return self.luma if self.luma is not None else to_gray(self.frames)
+
+    @property
+    def rgb(self) -> torch.Tensor:
+        """`frames`, which a kind that reads colour needs."""
+        if self.frames is None:
+            raise ValueError("this target kind reads colour frames; deliver TargetBatch.frames, not only luma")
+        return self.frames
 
     @property
     def device(self) -> torch.device:
-        return self.frames.device
+        return (self.frames if self.frames is not None else self.luma).device
 
     @property
     def size(self) -> tuple[int, int]:
-        return int(self.frames.shape[2]), int(self.frames.shape[3])
+        images = self.frames if self.frames is not None else self.luma
+        return int(images.shape[2]), int(images.shape[3])
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.frames if self.frames is not None else self.luma)
 
     @property
     def pairs(self) -> torch.Tensor:
@@ -260,6 +281,7 @@ class TargetSpec(abc.ABC):
 
     name: str = ""
     needs_flow: bool = False
+    needs_rgb: bool = False  # reads `TargetBatch.frames` (colour), not only its luma
 
     @abc.abstractmethod
     def parts(self, cfg) -> dict[str, int]:
