@@ -143,3 +143,15 @@ def test_delivered_luma_builds_the_same_targets(kind):
     want, want_valid = spec.build_batch(TargetBatch.collate(clips), cfg)
     got, got_valid = spec.build_batch(TargetBatch.collate(clips, luma_only=True), cfg)
     assert torch.equal(got_valid, want_valid) and torch.equal(got, want)
+
+
+def test_cpu_groups_of_clips_give_the_batch_in_one_pass(monkeypatch):
+    """On CPU a batch is built in cache-sized groups of clips; the groups change no number."""
+    import mme.targets.base as base
+
+    cfg = MAKER.config("traj", MAKER.SETTINGS[2])
+    clips = [item("traj", i) for i in range(3)] + [shifted(item("traj", 0), 5)]
+    whole, whole_valid = TARGETS["traj"].build_batch(TargetBatch.collate(clips), cfg)
+    monkeypatch.setattr(base, "CPU_GROUP_BYTES", 1)  # one clip per group
+    grouped, grouped_valid = TARGETS["traj"].build_batch(TargetBatch.collate(clips), cfg)
+    assert torch.equal(grouped_valid, whole_valid) and (grouped - whole).abs().max() <= TOL
