@@ -146,5 +146,5 @@ def resize_flow(flow: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if (src_h, src_w) == (height, width):
         return flow
     out = F.interpolate(flow.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False)
-    scale = torch.tensor([width / src_w, height / src_h], dtype=out.dtype)
+    scale = torch.tensor([width / src_w, height / src_h], dtype=out.dtype, device=out.device)
     return (out.permute(0, 2, 3, 1) * scale).contiguous()
