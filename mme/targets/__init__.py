@@ -13,7 +13,8 @@
 
 `target.density` max/mean reduce K to 1 in `pos` and `shape`. See `mme.targets.trajectory` (MME, DESIGN.md
 section 4) and `mme.targets.appearance` (baselines) for the exact definitions, `mme.targets.base` for the
-geometry, the inputs and the patch norm.
+geometry, the inputs (one clip: `TargetInputs`; a batch of clips on any device: `TargetBatch`, built in one
+call by `TargetSpec.build_batch`) and the patch norm.
 """
 
 from mme.targets import appearance, trajectory  # noqa: F401  (registers the kinds)
