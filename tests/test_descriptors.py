@@ -234,3 +234,20 @@ def test_hog_at_points_does_not_depend_on_the_order_of_the_points():
     assert torch.allclose(hog_at_points(gray, frame[shuffle], points[shuffle]), in_order[shuffle], atol=1e-6)
     for (x, y), f, row in zip(points.tolist()[:12], frame.tolist(), in_order.numpy()):
         assert np.abs(row - reference_point_hog(gray[f].numpy(), x, y)).max() < TOL
+
+
+def test_hog_at_points_matches_the_area_reference_everywhere_and_a_half_pixel_shift_would_fail():
+    """Many sub-pixel points on several frames, borders included, against the independent area-overlap
+    reference; the same reference half a pixel off disagrees, so an offset error cannot pass."""
+    rng = np.random.default_rng(11)
+    frames = np.stack([texture(40, 36, seed=20 + s) for s in range(4)])
+    count = 48
+    points = np.stack([rng.uniform(0, 35, count), rng.uniform(0, 39, count)], 1).astype(np.float32)
+    points[:4] = [[0, 0], [35, 39], [0, 39], [35, 0]]  # the corners: windows half outside the image
+    frame = rng.integers(0, 4, count)
+    got = hog_at_points(torch.tensor(frames), torch.tensor(frame), torch.tensor(points)).numpy()
+    off = []
+    for (x, y), f, row in zip(points.tolist(), frame.tolist(), got):
+        assert np.abs(row - reference_point_hog(frames[f], x, y)).max() < TOL, (x, y, f)
+        off.append(np.abs(row - reference_point_hog(frames[f], x + 0.5, y + 0.5)).max())
+    assert np.median(off) > 100 * TOL

@@ -11,7 +11,7 @@ import torch
 
 from mme.config import ConfigError, load_config
 from mme.models import build_pretrainer
-from mme.targets import TARGETS, PartValue, TargetGeometry, TargetInputs, TargetSpec
+from mme.targets import TARGETS, PartValue, TargetBatch, TargetGeometry, TargetSpec
 from mme.targets.appearance import PIXEL_SCALE, tube_pixels
 
 
@@ -21,10 +21,12 @@ class MeanColourTarget(TargetSpec):
     def parts(self, cfg) -> dict[str, int]:  # noqa: ARG002
         return {"colour": 3}
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
-        clip = inputs.frames[inputs.rows(geo.input_offsets)] / PIXEL_SCALE
-        pixels = tube_pixels(clip, geo)  # (N, tubelet * patch^2 * 3), channels last
-        return [PartValue("colour", pixels.reshape(len(pixels), -1, 3).mean(dim=1), standardize=False)]
+    needs_rgb = True
+
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
+        clip = inputs.rgb[:, inputs.rows(geo.input_offsets)] / PIXEL_SCALE
+        pixels = tube_pixels(clip, geo)  # (B, N, tubelet * patch^2 * 3), channels last
+        return [PartValue("colour", pixels.reshape(*pixels.shape[:2], -1, 3).mean(dim=2), standardize=False)]
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def sample_flow(flow: torch.Tensor, frame: torch.Tensor, points: torch.Tensor) -
     step_y = width if height > 1 else 0
     base = (frame * height + y0.long()) * width + x0.long()
     # The four neighbours of every point in one gather: (P, 4 (top-left, top-right, bottom-left, bottom-right), 2).
-    corners = torch.tensor([0, step_x, step_y, step_y + step_x])
+    corners = torch.tensor([0, step_x, step_y, step_y + step_x], device=flow.device)
     near = table.index_select(0, (base[:, None] + corners).view(-1)).view(len(points), 4, 2)
     top = near[:, 0] * (1 - fx) + near[:, 1] * fx
     bottom = near[:, 2] * (1 - fx) + near[:, 3] * fx
@@ -91,7 +91,7 @@ def sample_flow(flow: torch.Tensor, frame: torch.Tensor, points: torch.Tensor) -
 
 
 def track_points(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, steps: int, step: int = 1,
-                 median: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 median: bool = False, end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Track points through consecutive flow fields.
 
     Args:
@@ -101,9 +101,12 @@ def track_points(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, 
         steps: number of recorded steps L.
         step: original frames per recorded step (1 = dense; s = the sparse frames, s flows chained).
         median: 3x3 median-filter the flow first.
+        end: long (P,) the end (exclusive) of each point's flow in `flow`; None: S for every point. Several
+            clips' flow windows stacked along S give one call: clip b's points start at b*S + f and end at
+            b*S + its real pairs.
     Returns:
         tracks float32 (P, steps+1, 2): positions on frames start + t*step, t = 0..steps;
-        valid bool (P,): False when the point left the frame or ran past the end of the flow.
+        valid bool (P,): False when the point left the frame or ran past the end of its flow.
     """
     if step < 1:
         raise ValueError(f"track_points step must be >= 1, got {step}")
@@ -111,22 +114,22 @@ def track_points(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, 
     if median and len(flow):
         flow = median_filter_flow(flow)
     num_pairs, height, width = flow.shape[:3]
-    start = torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    start = torch.as_tensor(start, dtype=torch.long, device=flow.device).reshape(-1)
+    end = torch.full_like(start, num_pairs) if end is None else end.to(flow.device, torch.long).reshape(-1)
     position = points.float().clone()
-    upper = torch.tensor([width - 1, height - 1], dtype=torch.float32)
+    upper = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=flow.device)
     valid = ((position >= 0) & (position <= upper)).all(1)
     position = torch.minimum(position.clamp(min=0), upper)
-    # Points whose last step needs a pair past the end of the flow are invalid; they stop at the end.
-    last = start + steps * step - 1
-    valid &= last < num_pairs
+    # Points whose last step needs a pair past the end of their flow are invalid; they stop at the end.
+    valid &= start + steps * step - 1 < end
     tracks = [position]
     for t in range(steps):
         for u in range(step):
             frame = start + (t * step + u)
             if num_pairs:
-                present = frame < num_pairs
+                present = (frame < end).unsqueeze(1)
                 moved = sample_flow(flow, frame.clamp(max=num_pairs - 1), position)
-                position = position + (moved if bool(present.all()) else moved * present.unsqueeze(1))
+                position = position + moved * present
             valid &= ((position >= 0) & (position <= upper)).all(1)
             position = torch.minimum(position.clamp(min=0), upper)
         tracks.append(position)
@@ -143,5 +146,5 @@ def resize_flow(flow: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if (src_h, src_w) == (height, width):
         return flow
     out = F.interpolate(flow.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False)
-    scale = torch.tensor([width / src_w, height / src_h], dtype=out.dtype)
+    scale = torch.tensor([width / src_w, height / src_h], dtype=out.dtype, device=out.device)
     return (out.permute(0, 2, 3, 1) * scale).contiguous()

@@ -14,7 +14,8 @@
 
 `target.density` max/mean reduce K to 1 in `pos` and `shape`. Definitions: docs/targets.md; code:
 `mme.targets.trajectory` (MME), `mme.targets.appearance` (baselines), `mme.targets.base` (the geometry,
-the inputs and the patch norm).
+the inputs (one clip: `TargetInputs`; a batch of clips on any device: `TargetBatch`, built in one call by
+`TargetSpec.build_batch`) and the patch norm).
 """
 
 from mme.targets import appearance, official, trajectory  # noqa: F401  (registers the kinds)
@@ -22,14 +23,16 @@ from mme.targets.base import (
     PATCH_NORM_EPS,
     TARGETS,
     PartValue,
+    TargetBatch,
     TargetGeometry,
     TargetInputs,
     TargetSpec,
     get_target,
+    pad_flow,
     standardize,
     target_parts,
 )
 from mme.targets.trajectory import Trajectories, track_tokens
 
-__all__ = ["PATCH_NORM_EPS", "TARGETS", "PartValue", "TargetGeometry", "TargetInputs", "TargetSpec",
-           "Trajectories", "get_target", "standardize", "target_parts", "track_tokens"]
+__all__ = ["PATCH_NORM_EPS", "TARGETS", "PartValue", "TargetGeometry", "TargetBatch", "TargetInputs", "TargetSpec",
+           "Trajectories", "get_target", "pad_flow", "standardize", "target_parts", "track_tokens"]

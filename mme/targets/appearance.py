@@ -27,16 +27,16 @@ import torch
 
 from mme.config import HOG_BINS, HOG_CELL
 from mme.motion.descriptors import HOF_BINS, hof_cells, hog_cells, mbh_cells, pool_flow
-from mme.targets.base import PartValue, TargetGeometry, TargetInputs, TargetSpec, cells_to_tokens, register
+from mme.targets.base import PartValue, TargetBatch, TargetGeometry, TargetSpec, cells_to_tokens, register
 
 FLOW_POOL = 4  # px: `hog+flow` averages the patch's flow over 4x4 px squares (16x16x2 -> 4x4x2 per frame)
 PIXEL_SCALE = 255.0  # decoded frames are 0..255; pixel targets are in [0, 1] as VideoMAE's
 
 
 def tube_pixels(frames: torch.Tensor, geo: TargetGeometry) -> torch.Tensor:
-    """(T, H, W, 3) input-aligned frames -> (N, tubelet*P*P*3) per token, (t, y, x, c) order."""
-    slots = len(frames) // geo.tubelet
-    cells = frames.reshape(slots, geo.tubelet, *frames.shape[1:])
+    """(B, T, H, W, 3) input-aligned frames -> (B, N, tubelet*P*P*3) per token, (t, y, x, c) order."""
+    batch, frames_in = frames.shape[:2]
+    cells = frames.reshape(batch, frames_in // geo.tubelet, geo.tubelet, *frames.shape[2:])
     return cells_to_tokens(cells, geo.patch)
 
 
@@ -48,11 +48,12 @@ class FrameHogMixin:
         return geo.frames_per_tube(dense) * (geo.patch // HOG_CELL) ** 2 * HOG_BINS
 
     @staticmethod
-    def hog_part(inputs: TargetInputs, geo: TargetGeometry, dense: bool) -> PartValue:
+    def hog_part(inputs: TargetBatch, geo: TargetGeometry, dense: bool) -> PartValue:
         offsets = geo.tube_frames(dense)
-        cells = hog_cells(inputs.gray[inputs.rows(offsets.reshape(-1))])
-        tokens = cells_to_tokens(cells.view(*offsets.shape, *cells.shape[1:]), geo.patch // HOG_CELL)
-        return PartValue("hog", tokens, standardize=False)
+        gray = inputs.gray[:, inputs.rows(offsets.reshape(-1))]
+        cells = hog_cells(gray.reshape(-1, *gray.shape[2:]))
+        cells = cells.view(len(inputs), *offsets.shape, *cells.shape[1:])
+        return PartValue("hog", cells_to_tokens(cells, geo.patch // HOG_CELL), standardize=False)
 
 
 @register
@@ -60,13 +61,14 @@ class PixelTarget(TargetSpec):
     """`pixel` (VideoMAE): the tube's pixels, patch-normalised per colour channel."""
 
     name = "pixel"
+    needs_rgb = True
 
     def parts(self, cfg) -> dict[str, int]:
         geo = TargetGeometry.from_cfg(cfg)
         return {"pixel": geo.tubelet * geo.patch ** 2 * 3}
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
-        clip = inputs.frames[inputs.rows(geo.input_offsets)] / PIXEL_SCALE
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
+        clip = inputs.rgb[:, inputs.rows(geo.input_offsets)] / PIXEL_SCALE
         pixels = tube_pixels(clip, geo)
         return [PartValue("pixel", pixels, channels=3)]
 
@@ -84,9 +86,9 @@ class MotionMaeTarget(PixelTarget):
     def frame_offsets(self, geo: TargetGeometry) -> set[int]:
         return {o + 1 for o in geo.input_offsets}
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         now = torch.tensor(geo.input_offsets)
-        diff = (inputs.frames[inputs.rows(now + 1)] - inputs.frames[inputs.rows(now)]) / PIXEL_SCALE
+        diff = (inputs.rgb[:, inputs.rows(now + 1)] - inputs.rgb[:, inputs.rows(now)]) / PIXEL_SCALE
         diff = tube_pixels(diff, geo)
         return [*super().compute(inputs, geo), PartValue("diff", diff, channels=3)]
 
@@ -104,7 +106,7 @@ class HogTarget(FrameHogMixin, TargetSpec):
     def frame_offsets(self, geo: TargetGeometry) -> set[int]:
         return set(geo.tube_frames(geo.interpolate).reshape(-1).tolist())
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         return [self.hog_part(inputs, geo, geo.interpolate)]
 
 
@@ -143,13 +145,18 @@ class HogWithFlowDescriptor(FrameHogMixin, TargetSpec):
     def flow_pairs(self, geo: TargetGeometry) -> int:
         return int(geo.tube_frames(geo.interpolate).max()) + 1
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         spec = FLOW_DESCRIPTORS[self.descriptor]
-        offsets = geo.tube_frames(geo.interpolate)
-        available = len(inputs.flow)
-        cells = spec.compute(inputs.flow[offsets.reshape(-1).clamp(max=max(available - 1, 0))])
-        cells = cells.view(*offsets.shape, *cells.shape[1:])
-        present = (offsets < available).view(*offsets.shape, 1, 1, 1).expand_as(cells)
+        offsets = geo.tube_frames(geo.interpolate).to(inputs.device)
+        flow = inputs.flow
+        if flow.shape[1] == 0:  # no pair at all: every value invalid, computed on zero flow
+            flow = flow.new_zeros((len(flow), 1, *flow.shape[2:]))
+        # Pairs past a clip's real ones read padding (or its last pair): masked out below.
+        flow = flow[:, offsets.reshape(-1).clamp(max=flow.shape[1] - 1)]
+        cells = spec.compute(flow.reshape(-1, *flow.shape[2:]))
+        cells = cells.view(len(inputs), *offsets.shape, *cells.shape[1:])
+        present = offsets < inputs.pairs.view(-1, 1, 1)
+        present = present.view(*present.shape, 1, 1, 1).expand_as(cells)
         per_patch = geo.patch // spec.cell
         values = cells_to_tokens(cells, per_patch)
         valid = cells_to_tokens(present, per_patch)

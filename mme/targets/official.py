@@ -21,7 +21,7 @@ The official code has one tracking mode and one density: `target.interpolate` an
 apply to this kind (it always tracks the dense video and keeps all K points).
 
 The computation is `official_parts(frames, middle, flow, geometry)`, a function of tensors; the spec adapts it to
-`TargetInputs`. It tracks on the augmented clip's flow like every kind here (see the docs for why).
+`TargetBatch`. It tracks on the augmented clip's flow like every kind here (see the docs for why).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from mme.config import HOG_BINS, HOG_CELL
-from mme.targets.base import PartValue, TargetGeometry, TargetInputs, TargetSpec, register
+from mme.targets.base import PartValue, TargetBatch, TargetGeometry, TargetSpec, register
 
 DISPLACEMENT_LIMIT = 20.0  # px: recorded displacements are clamped to +-this
 DISPLACEMENT_SCALE = 20.0  # displacements are divided by this before the patch norm
@@ -57,32 +57,35 @@ def official_grid(grid_h: int, grid_w: int, patch: int, points: int) -> torch.Te
     return torch.stack([x, y], dim=-1).reshape(-1, 2)
 
 
-def track_integer(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor,
-                  steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def track_integer(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, steps: int,
+                  end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer tracking on truncated flow, one original frame per step.
 
     Args:
-        flow: (S, H, W, 2) float; points: long (P, 2) (x, y); start: long (P,) first pair of every point.
+        flow: (S, H, W, 2) float (several clips' windows may be stacked along S); points: long (P, 2) (x, y);
+        start: long (P,) first pair of every point; end: long (P,) where each point's flow stops (default S).
     Returns:
         tracks long (P, steps+1, 2): the (clamped) positions read at each step, then the last one clamped;
         displacement float (P, steps, 2): integer flow read at p_t, clamped to +-DISPLACEMENT_LIMIT;
         valid bool (P,): p_1 .. p_{steps-1} in the frame, and every pair read within the flow.
     """
     num_pairs, height, width = flow.shape[:3]
+    device = flow.device
     table = flow.float().trunc().reshape(-1, 2)  # truncation towards zero, as an int cast
-    start = torch.as_tensor(start, dtype=torch.long).reshape(-1)
-    upper = torch.tensor([width - 1, height - 1])
-    position = points.long().clone()
-    valid = start + steps <= num_pairs
+    start = torch.as_tensor(start, dtype=torch.long, device=device).reshape(-1)
+    end = torch.full_like(start, num_pairs) if end is None else torch.as_tensor(end, device=device).long()
+    upper = torch.tensor([width - 1, height - 1], device=device)
+    position = points.long().to(device).clone()
+    valid = start + steps <= end
     tracks, moves = [], []
     for t in range(steps):
         if t > 0:
             valid &= ((position >= 0) & (position <= upper)).all(1)
         position = torch.minimum(position.clamp(min=0), upper)
         tracks.append(position)
-        frame = (start + t).clamp(max=max(num_pairs - 1, 0))
+        frame = torch.minimum(start + t, (end - 1).clamp(min=0))
         move = table[(frame * height + position[:, 1]) * width + position[:, 0]] if num_pairs else \
-            torch.zeros(len(position), 2)
+            torch.zeros(len(position), 2, device=device)
         moves.append(move)
         position = position + move.long()
     tracks.append(torch.minimum(position.clamp(min=0), upper))
@@ -102,10 +105,10 @@ def official_position(displacement: torch.Tensor, patch_norm: bool) -> torch.Ten
 def official_hog(frames: torch.Tensor) -> torch.Tensor:
     """float (F, H, W, 3) RGB 0..255 -> (F, 3, 9, H/8, W/8): the official per-channel cell histograms."""
     count, height, width, _ = frames.shape
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=frames.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=frames.device).view(1, 3, 1, 1)
     image = ((frames.float().permute(0, 3, 1, 2) / 255.0 - mean) / std).reshape(count * 3, 1, height, width)
-    kernels = torch.tensor([SOBEL_X, SOBEL_Y]).unsqueeze(1)  # (2, 1, 3, 3)
+    kernels = torch.tensor([SOBEL_X, SOBEL_Y], device=frames.device).unsqueeze(1)  # (2, 1, 3, 3)
     gradient = F.conv2d(F.pad(image, (1, 1, 1, 1), mode="replicate"), kernels)
     magnitude = gradient.norm(dim=1)
     position = torch.atan2(gradient[:, 1], gradient[:, 0]) / math.pi * HOG_BINS
@@ -117,26 +120,36 @@ def official_hog(frames: torch.Tensor) -> torch.Tensor:
     return cells.reshape(count, 3, HOG_BINS, height // HOG_CELL, width // HOG_CELL)
 
 
-def official_parts(frames: torch.Tensor, middle: torch.Tensor, flow: torch.Tensor,
-                   geo: TargetGeometry) -> list[PartValue]:
-    """The kind's parts from tensors.
+def official_parts(frames: torch.Tensor, middle: torch.Tensor, flow: torch.Tensor, geo: TargetGeometry,
+                   flow_pairs: torch.Tensor | None = None) -> list[PartValue]:
+    """The kind's parts for a batch of clips, from tensors.
 
     Args:
-        frames: float (F, H, W, 3) 0..255; middle: long (slots,) rows of `frames` holding each tube's
-            middle input frame; flow: (S, H, W, 2), pair i from offset i to i+1.
+        frames: float (B, F, H, W, 3) 0..255; middle: long (slots,) rows of `frames` holding each tube's
+            middle input frame; flow: (B, S, H, W, 2), pair i from offset i to i+1; flow_pairs: long (B,) real
+            pairs of each clip (None: all S).
+    Returns:
+        parts with values (B, N, width).
     """
-    height, width = frames.shape[1:3]
+    batch, _, height, width = frames.shape[:4]
     hp, wp, per_side = height // geo.patch, width // geo.patch, geo.patch // HOG_CELL
-    hog = official_hog(frames[middle])  # (J, 3, 9, Hc, Wc)
-    hog = hog[..., :hp * per_side, :wp * per_side].reshape(geo.slots, 3, HOG_BINS, hp, per_side, wp, per_side)
-    hog = hog.permute(0, 3, 5, 1, 2, 4, 6).reshape(geo.slots * hp * wp, -1)
-    grid = official_grid(hp, wp, geo.patch, geo.points)
-    start = torch.tensor(geo.slot_offsets).repeat_interleave(len(grid))
-    _, displacement, valid = track_integer(flow, grid.repeat(geo.slots, 1), start, geo.length)
     tokens = geo.slots * hp * wp
-    pos = official_position(displacement.view(tokens, geo.points, geo.length, 2), geo.patch_norm)
-    token_valid = valid.view(tokens, geo.points).any(1, keepdim=True).expand_as(pos)
-    return [PartValue("hog", hog, standardize=False), PartValue("pos", pos, token_valid, standardize=False)]
+    hog = official_hog(frames[:, middle].reshape(batch * geo.slots, height, width, 3))  # (B*J, 3, 9, Hc, Wc)
+    hog = hog[..., :hp * per_side, :wp * per_side].reshape(batch, geo.slots, 3, HOG_BINS, hp, per_side, wp, per_side)
+    hog = hog.permute(0, 1, 4, 6, 2, 3, 5, 7).reshape(batch, tokens, -1)
+    device, pairs = flow.device, flow.shape[1]
+    grid = official_grid(hp, wp, geo.patch, geo.points).to(device)
+    real = torch.full((batch,), pairs, device=device) if flow_pairs is None else flow_pairs.to(device).long()
+    clip_start = torch.arange(batch, device=device) * pairs  # clip b's window starts at pair b*S of the stack
+    start = (clip_start[:, None] + torch.tensor(geo.slot_offsets, device=device).repeat_interleave(len(grid)))
+    end = (clip_start + real)[:, None].expand_as(start)
+    points = grid.repeat(batch * geo.slots, 1)
+    _, displacement, valid = track_integer(flow.reshape(-1, *flow.shape[2:]), points, start.reshape(-1),
+                                           geo.length, end.reshape(-1))
+    pos = official_position(displacement.view(batch * tokens, geo.points, geo.length, 2), geo.patch_norm)
+    token_valid = valid.view(batch * tokens, geo.points).any(1, keepdim=True).expand_as(pos)
+    return [PartValue("hog", hog, standardize=False),
+            PartValue("pos", pos.view(batch, tokens, -1), token_valid.reshape(batch, tokens, -1), standardize=False)]
 
 
 @register
@@ -145,6 +158,7 @@ class OfficialTrajectoryTarget(TargetSpec):
 
     name = "traj_official"
     needs_flow = True
+    needs_rgb = True  # the released code's HOG is per colour channel
 
     def parts(self, cfg) -> dict[str, int]:
         geo = TargetGeometry.from_cfg(cfg)
@@ -153,6 +167,6 @@ class OfficialTrajectoryTarget(TargetSpec):
     def flow_pairs(self, geo: TargetGeometry) -> int:
         return geo.slot_offsets[-1] + geo.length
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         middle = inputs.rows(geo.tube_frames(dense=False).reshape(-1))
-        return official_parts(inputs.frames, middle, inputs.flow, geo)
+        return official_parts(inputs.rgb, middle, inputs.flow, geo, inputs.flow_pairs)

@@ -23,26 +23,27 @@ from mme.config import HOG_BINS
 from mme.motion.descriptors import hog_at_points
 from mme.motion.tracking import patch_grid_points, track_points
 from mme.targets.appearance import FrameHogMixin
-from mme.targets.base import PartValue, TargetGeometry, TargetInputs, TargetSpec, register
+from mme.targets.base import PartValue, TargetBatch, TargetGeometry, TargetInputs, TargetSpec, register
 
 
 @dataclass
 class Trajectories:
-    """Tracked points of every token: tracks (J, Hp, Wp, K, L+1, 2), valid (J, Hp, Wp, K),
-    shape HOG (J, Hp, Wp, K, L, 9) or None."""
+    """Tracked points of every token, with the leading batch dim (B,) of a `TargetBatch` or none for a
+    `TargetInputs`: tracks (..., J, Hp, Wp, K, L+1, 2), valid (..., J, Hp, Wp, K), shape HOG
+    (..., J, Hp, Wp, K, L, 9) or None."""
 
     tracks: torch.Tensor
     valid: torch.Tensor
     shape: torch.Tensor | None = None
 
     def per_token(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """pos (N, K, L, 2), shape (N, K, L, 9) or None, valid (N, K)."""
-        slots, hp, wp, k = self.valid.shape
-        tokens = slots * hp * wp
-        tracks = self.tracks.reshape(tokens, k, *self.tracks.shape[-2:])
-        pos = tracks[:, :, 1:] - tracks[:, :, :-1]
-        shape = None if self.shape is None else self.shape.reshape(tokens, k, *self.shape.shape[-2:])
-        return pos, shape, self.valid.reshape(tokens, k)
+        """pos (..., N, K, L, 2), shape (..., N, K, L, 9) or None, valid (..., N, K)."""
+        *lead, slots, hp, wp, k = self.valid.shape
+        tokens = (*lead, slots * hp * wp, k)
+        tracks = self.tracks.reshape(*tokens, *self.tracks.shape[-2:])
+        pos = tracks[..., 1:, :] - tracks[..., :-1, :]
+        shape = None if self.shape is None else self.shape.reshape(*tokens, *self.shape.shape[-2:])
+        return pos, shape, self.valid.reshape(tokens)
 
 
 def trajectory_frames(geo: TargetGeometry) -> set[int]:
@@ -55,27 +56,49 @@ def trajectory_pairs(geo: TargetGeometry) -> int:
     return geo.slot_offsets[-1] + geo.length * geo.track_step
 
 
-def track_tokens(inputs: TargetInputs, geo: TargetGeometry, with_shape: bool = True) -> Trajectories:
-    """Track the K grid points of every token of the clip for L steps (see the module docstring)."""
+def track_tokens(inputs: TargetInputs | TargetBatch, geo: TargetGeometry, with_shape: bool = True) -> Trajectories:
+    """Track the K grid points of every token for L steps (see the module docstring): of one clip
+    (`TargetInputs`, no batch dim) or of every clip of a `TargetBatch` (leading dim B)."""
+    if isinstance(inputs, TargetInputs):
+        batched = track_tokens(inputs.batch(), geo, with_shape)
+        return Trajectories(batched.tracks[0], batched.valid[0], None if batched.shape is None else batched.shape[0])
+    batch, device = len(inputs), inputs.device
     height, width = inputs.size
     hp, wp = height // geo.patch, width // geo.patch
-    grid = patch_grid_points(hp, wp, geo.patch, geo.points)
+    grid = patch_grid_points(hp, wp, geo.patch, geo.points).to(device)
     per_slot = len(grid)
-    points = grid.repeat(geo.slots, 1)
-    start = torch.tensor(geo.slot_offsets).repeat_interleave(per_slot)
-    flow = inputs.flow if inputs.flow is not None else torch.zeros(0, height, width, 2)
-    tracks, valid = track_points(flow, points, start, geo.length, geo.track_step, geo.median)
+    flow = inputs.flow if inputs.flow is not None else torch.zeros(batch, 0, height, width, 2, device=device)
+    pairs = flow.shape[1]
+    # Points ordered (clip, slot, point); clip b's flow window is rows b*S .. b*S + S-1 of the stacked flow.
+    first = torch.arange(batch, device=device) * pairs
+    slot_start = torch.tensor(geo.slot_offsets, device=device).repeat_interleave(per_slot)
+    start = (first[:, None] + slot_start).view(-1)
+    end = (first + inputs.pairs).repeat_interleave(geo.slots * per_slot)
+    points = grid.repeat(batch * geo.slots, 1)
+    tracks, valid = track_points(flow.reshape(-1, height, width, 2), points, start, geo.length, geo.track_step,
+                                 geo.median, end=end)
+    tracks = tracks.view(batch, geo.slots, per_slot, geo.length + 1, 2)
     shape = None
     if with_shape:
-        # Queries ordered (slot, step, point), i.e. by frame, so that `hog_at_points` needs no sort.
-        steps = torch.tensor(geo.slot_offsets)[:, None] + torch.arange(geo.length) * geo.track_step  # (J, L)
-        frames = inputs.rows(steps).repeat_interleave(per_slot, dim=1)  # (J, L * per_slot)
-        positions = tracks[:, :-1].reshape(geo.slots, per_slot, geo.length, 2).transpose(1, 2)
-        hog = hog_at_points(inputs.gray, frames.reshape(-1), positions.reshape(-1, 2))
-        hog = hog.view(geo.slots, geo.length, per_slot, HOG_BINS).transpose(1, 2)
-        shape = hog.reshape(geo.slots, hp, wp, geo.points, geo.length, HOG_BINS)
-    return Trajectories(tracks.view(geo.slots, hp, wp, geo.points, geo.length + 1, 2),
-                        valid.view(geo.slots, hp, wp, geo.points), shape)
+        shape = trajectory_hog(inputs, geo, tracks).reshape(batch, geo.slots, hp, wp, geo.points, geo.length,
+                                                            HOG_BINS)
+    return Trajectories(tracks.view(batch, geo.slots, hp, wp, geo.points, geo.length + 1, 2),
+                        valid.view(batch, geo.slots, hp, wp, geo.points), shape)
+
+
+def trajectory_hog(inputs: TargetBatch, geo: TargetGeometry, tracks: torch.Tensor) -> torch.Tensor:
+    """The shape features: tracks (B, J, Q, L+1, 2) -> HOG (B, J, Q, L, 9) of the window around p_t on the
+    frame of step t."""
+    batch, slots, per_slot = tracks.shape[:3]
+    # Queries ordered (clip, slot, step, point), i.e. by frame, so that `hog_at_points` needs no sort.
+    steps = torch.tensor(geo.slot_offsets)[:, None] + torch.arange(geo.length) * geo.track_step  # (J, L)
+    rows = inputs.rows(steps).repeat_interleave(per_slot, dim=1)  # (J, L * Q)
+    num_frames = inputs.gray.shape[1]
+    frames = torch.arange(batch, device=inputs.device)[:, None, None] * num_frames + rows
+    positions = tracks[:, :, :, :-1].transpose(2, 3)  # (B, J, L, Q, 2)
+    gray = inputs.gray.reshape(-1, *inputs.gray.shape[2:])
+    hog = hog_at_points(gray, frames.reshape(-1), positions.reshape(-1, 2))
+    return hog.view(batch, slots, geo.length, per_slot, HOG_BINS).transpose(2, 3)
 
 
 def _dense(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -83,18 +106,21 @@ def _dense(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torc
 
 
 def _most_moving(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Keep the valid trajectory with the largest path length (features[0] are the displacements)."""
+    """Keep the valid trajectory with the largest path length (features[0] are the displacements).
+
+    features (..., K, L, C), valid (..., K) -> features (..., 1, L, C), valid (..., 1).
+    """
     length = features[0].norm(dim=-1).sum(-1).masked_fill(~valid, -1.0)
-    best = length.argmax(1)  # first of equal maxima
-    rows = torch.arange(len(best))
-    return [f[rows, best].unsqueeze(1) for f in features], valid.any(1, keepdim=True)
+    best = length.argmax(-1, keepdim=True)  # first of equal maxima
+    return ([torch.take_along_dim(f, best[..., None, None], dim=-3) for f in features],
+            valid.any(-1, keepdim=True))
 
 
 def _mean(features: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Average the features of the valid trajectories."""
+    """Average the features of the valid trajectories (shapes as `_most_moving`)."""
     weight = valid.float().view(*valid.shape, 1, 1)
-    count = weight.sum(1, keepdim=True).clamp(min=1)
-    return [(f * weight).sum(1, keepdim=True) / count for f in features], valid.any(1, keepdim=True)
+    count = weight.sum(-3, keepdim=True).clamp(min=1)
+    return [(f * weight).sum(-3, keepdim=True) / count for f in features], valid.any(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -121,7 +147,8 @@ def trajectory_parts(trajectories: Trajectories, geo: TargetGeometry, names: tup
     parts = []
     for name, feature in zip(names, features):
         columns = kept_valid.view(*kept_valid.shape, 1, 1).expand_as(feature)
-        parts.append(PartValue(name, feature.reshape(len(feature), -1), columns.reshape(len(feature), -1)))
+        tokens = feature.shape[:-3]
+        parts.append(PartValue(name, feature.reshape(*tokens, -1), columns.reshape(*tokens, -1)))
     return parts
 
 
@@ -143,7 +170,7 @@ class TrajectoryTarget(TargetSpec):
     def flow_pairs(self, geo: TargetGeometry) -> int:
         return trajectory_pairs(geo)
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         return trajectory_parts(track_tokens(inputs, geo, with_shape=True), geo, ("pos", "shape"))
 
 
@@ -162,7 +189,7 @@ class HogTrajectoryPositionTarget(FrameHogMixin, TargetSpec):
     def flow_pairs(self, geo: TargetGeometry) -> int:
         return trajectory_pairs(geo)
 
-    def compute(self, inputs: TargetInputs, geo: TargetGeometry) -> list[PartValue]:
+    def compute(self, inputs: TargetBatch, geo: TargetGeometry) -> list[PartValue]:
         hog = self.hog_part(inputs, geo, dense=False)
         return [hog, *trajectory_parts(track_tokens(inputs, geo, with_shape=False), geo, ("pos",))]
 
