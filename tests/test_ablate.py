@@ -151,21 +151,25 @@ def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner
     assert table.loc["w/o patch norm", "n_seeds"] == 0 and pd.isna(table.loc["w/o patch norm", "ft_top1_mean"])
 
 
-def _t(number, state, setting=None, seed=0, minute=0, grid=None, **user_attrs):
+def _t(number, state, setting=None, seed=0, minute=0, queued=None, **user_attrs):
+    """A FrozenTrial stand-in; `queued=(setting, seed)`: the point it was queued with, params not written yet."""
     params = {"setting": setting, "seed": seed} if setting else {}
-    system = {"grid_id": grid, "search_space": {"seed": [0], "setting": ["a", "b"]}} if grid is not None else {}
-    return SimpleNamespace(number=number, state=state, params=params, system_attrs=system, user_attrs=user_attrs,
+    if queued is not None:
+        user_attrs |= {"setting": queued[0], "seed": queued[1]}
+    return SimpleNamespace(number=number, state=state, params=params, system_attrs={}, user_attrs=user_attrs,
                            datetime_start=datetime(2026, 1, 1) + timedelta(minutes=minute))
 
 
 def test_blocking_reason_yields_to_finished_earlier_running_and_exhausted_points():
-    me = _t(5, TrialState.RUNNING, "a", minute=5, grid=0)
+    me = _t(5, TrialState.RUNNING, "a", minute=5, queued=("a", 0))
     assert blocking_reason([me], me, ("a", 0)) is None
     assert "finished in trial 1" in blocking_reason([_t(1, TrialState.COMPLETE, "a"), me], me, ("a", 0))
     assert "running in trial 2" in blocking_reason([_t(2, TrialState.RUNNING, "a", minute=1), me], me, ("a", 0))
     assert blocking_reason([_t(7, TrialState.RUNNING, "a", minute=9), me], me, ("a", 0)) is None  # it yields to me
-    no_params_yet = _t(3, TrialState.RUNNING, minute=2, grid=0)  # same GridSampler cell, params not written
+    no_params_yet = _t(3, TrialState.RUNNING, minute=2, queued=("a", 0))  # same queued point, params not written
     assert "running in trial 3" in blocking_reason([no_params_yet, me], me, ("a", 0))
+    other_point = _t(4, TrialState.RUNNING, minute=2, queued=("b", 0))
+    assert blocking_reason([other_point, me], me, ("a", 0)) is None
     assert blocking_reason([_t(1, TrialState.COMPLETE, "b"), me], me, ("a", 0)) is None
     fail, stopped = _t(1, TrialState.FAIL, "a"), _t(2, TrialState.FAIL, "a", interrupted=True)
     assert blocking_reason([fail, stopped, me], me, ("a", 0)) is None  # an interrupted run is no failure

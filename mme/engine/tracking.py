@@ -36,6 +36,8 @@ TRIAL_TAGS = ("optuna_study", "optuna_trial", "setting")
 SYSTEM_METRICS_INTERVAL_S = {"smoke": 1.0}
 SYSTEM_METRICS_DEFAULT_S = 10.0
 
+_HELD: set[str] = set()  # lock files this process holds (`file_lock`)
+
 
 def user_tracking_uri() -> str | None:
     """The tracking URI the user chose through MLFLOW_TRACKING_URI (None: use the workdir store)."""
@@ -57,13 +59,18 @@ def tracking_uri(workdir: str | Path) -> str:
 def file_lock(path: str | Path) -> Iterator[None]:
     """An exclusive, blocking lock on `path` (created if missing) held for the block: serialises the
     first creation of a SQLite store by concurrent processes, whose schema migrations would collide."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    key = str(Path(path).resolve())
+    if key in _HELD:  # re-entrant: a second flock from this process on a new descriptor would deadlock
+        yield
+        return
+    Path(key).parent.mkdir(parents=True, exist_ok=True)
+    with open(key, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD.add(key)
         try:
             yield
         finally:
+            _HELD.discard(key)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
