@@ -15,13 +15,11 @@ this script parses the command line and wires in the stage chain (`mme.stages.ch
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from mme.ablation import STUDIES, Hooks, load_runner, make_plan, open_storage, run_study, run_worker, study_names
 from mme.config import PRESETS, Config, ConfigError
-from mme.engine.tracking import tracking_uri
 from mme.stages.chain import prepare_data, run_stage_chain
 
 __all__ = ["main", "make_plan", "open_storage", "parse_args"]
@@ -71,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"ablate.py: {exc}", file=sys.stderr)
         return 2
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(args.workdir)
     try:
         if args.worker:
-            run_worker(plans[0], HOOKS)
+            run_worker(plans[0], HOOKS)  # a worker has nothing to report: the launcher reads the grid
             return 0
         return max(run_study(plan, args, HOOKS) for plan in plans)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,12 +20,14 @@ import pytest
 from optuna.trial import TrialState
 
 from mme.ablation import STUDIES, blocking_reason, optuna_study_name
+from mme.ablation.storage import HEARTBEAT_GRACE_S
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATE = REPO / "experiments" / "ablate.py"
 
 # A runner that sleeps a little, returns metrics that depend on the setting and the seed, and can fail on
-# demand: FAKE_FAIL_ONCE / FAKE_FAIL_ALWAYS = "key=value,..." matched against the trial's flat config.
+# demand: FAKE_FAIL_ONCE / FAKE_FAIL_ALWAYS = "key=value,..." matched against the trial's flat config
+# (FAKE_KILL_ONCE: the worker SIGKILLs itself the first time).
 # FAKE_BARRIER=N makes each worker's first trial wait until N workers have started one (so the test
 # proves that the grid is split, independently of how fast each process starts).
 FAKE_RUNNER = '''
@@ -45,6 +48,12 @@ def run(cfg, trial_dir, stages):
         while len(list(state.glob("worker-*"))) < barrier and time.time() < deadline:
             time.sleep(0.1)
     time.sleep(0.3)
+    if _matches(cfg, os.environ.get("FAKE_KILL_ONCE", "")):
+        try:
+            os.close(os.open(state / "killed-once", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.kill(os.getpid(), 9)
+        except FileExistsError:
+            pass
     if _matches(cfg, os.environ.get("FAKE_FAIL_ALWAYS", "")):
         raise RuntimeError("injected permanent failure")
     if _matches(cfg, os.environ.get("FAKE_FAIL_ONCE", "")):
@@ -151,21 +160,25 @@ def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner
     assert table.loc["w/o patch norm", "n_seeds"] == 0 and pd.isna(table.loc["w/o patch norm", "ft_top1_mean"])
 
 
-def _t(number, state, setting=None, seed=0, minute=0, grid=None, **user_attrs):
+def _t(number, state, setting=None, seed=0, minute=0, queued=None, **user_attrs):
+    """A FrozenTrial stand-in; `queued=(setting, seed)`: the point it was queued with, params not written yet."""
     params = {"setting": setting, "seed": seed} if setting else {}
-    system = {"grid_id": grid, "search_space": {"seed": [0], "setting": ["a", "b"]}} if grid is not None else {}
-    return SimpleNamespace(number=number, state=state, params=params, system_attrs=system, user_attrs=user_attrs,
+    if queued is not None:
+        user_attrs |= {"setting": queued[0], "seed": queued[1]}
+    return SimpleNamespace(number=number, state=state, params=params, system_attrs={}, user_attrs=user_attrs,
                            datetime_start=datetime(2026, 1, 1) + timedelta(minutes=minute))
 
 
 def test_blocking_reason_yields_to_finished_earlier_running_and_exhausted_points():
-    me = _t(5, TrialState.RUNNING, "a", minute=5, grid=0)
+    me = _t(5, TrialState.RUNNING, "a", minute=5, queued=("a", 0))
     assert blocking_reason([me], me, ("a", 0)) is None
     assert "finished in trial 1" in blocking_reason([_t(1, TrialState.COMPLETE, "a"), me], me, ("a", 0))
     assert "running in trial 2" in blocking_reason([_t(2, TrialState.RUNNING, "a", minute=1), me], me, ("a", 0))
     assert blocking_reason([_t(7, TrialState.RUNNING, "a", minute=9), me], me, ("a", 0)) is None  # it yields to me
-    no_params_yet = _t(3, TrialState.RUNNING, minute=2, grid=0)  # same GridSampler cell, params not written
+    no_params_yet = _t(3, TrialState.RUNNING, minute=2, queued=("a", 0))  # same queued point, params not written
     assert "running in trial 3" in blocking_reason([no_params_yet, me], me, ("a", 0))
+    other_point = _t(4, TrialState.RUNNING, minute=2, queued=("b", 0))
+    assert blocking_reason([other_point, me], me, ("a", 0)) is None
     assert blocking_reason([_t(1, TrialState.COMPLETE, "b"), me], me, ("a", 0)) is None
     fail, stopped = _t(1, TrialState.FAIL, "a"), _t(2, TrialState.FAIL, "a", interrupted=True)
     assert blocking_reason([fail, stopped, me], me, ("a", 0)) is None  # an interrupted run is no failure
@@ -212,3 +225,59 @@ def test_study_name_separates_budgets_and_overrides(tmp_path):
     assert name("mini", "mask.ratio=0.8").startswith(mini + "-")
     assert optuna_study_name("length", "mini", "synthetic", budget=("finetune.epochs=3",)) != \
         optuna_study_name("length", "mini", "synthetic", budget=("finetune.epochs=2",))
+
+
+def _launch(workdir: Path, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ABLATE), "--study", "norm", "--preset", "smoke", "--runner", "ablate_fake_runner:run",
+           "--workdir", str(workdir), *extra]
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | env
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_launchers_on_a_fresh_workdir_share_the_stores(tmp_path, fake_runner):
+    """Two `ablate.py` launchers started together on an empty workdir: both create the stores (a file lock
+    serialises that), they split the 2-point grid, both exit 0, and the study's parent run ends FINISHED."""
+    workdir = tmp_path / "work"
+    procs = [_launch(workdir, fake_runner | {"FAKE_BARRIER": "2"}) for _ in range(2)]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    assert not any("Traceback" in out for out in outs), outs
+    storage, name = f"sqlite:///{workdir / 'optuna.db'}", "norm-smoke-synthetic"
+    complete = [t for t in _trials(storage, name) if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["setting"] for t in complete) == ["w/ patch norm", "w/o patch norm"]
+    assert len({t.user_attrs["worker_pid"] for t in complete}) == 2  # each launcher ran one point
+    assert any("other workers" in out for out in outs) or all("2/2 grid points done" in out for out in outs)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert study.metric_names == ["ft_top1"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parents = client.search_runs([client.get_experiment_by_name("mme-synthetic").experiment_id],
+                                 "tags.stage = 'ablate'")
+    assert [p.info.run_id for p in parents] == [study.user_attrs["mlflow_parent_run_id"]]  # one parent run
+    assert parents[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_reported_and_its_point_reclaimed_at_once(tmp_path, fake_runner):
+    """A worker SIGKILLed mid-trial: the launcher names it and the signal and exits 1, the killed trial's
+    MLflow run ends KILLED (not RUNNING), and a re-run right away (well within the heartbeat grace period)
+    finishes the grid."""
+    workdir = tmp_path / "work"
+    env = fake_runner | {"FAKE_BARRIER": "2", "FAKE_KILL_ONCE": "target.length=6,seed=1"}
+    out = _ablate(workdir, env, "--n-jobs", "2")
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "was killed by signal 9 (SIGKILL)" in out.stderr and "worker " in out.stderr
+    storage, name = f"sqlite:///{workdir / 'optuna.db'}", "length-smoke-synthetic"
+    killed = [t for t in _trials(storage, name) if t.params.get("setting") is not None and t.state == TrialState.FAIL]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    assert killed and all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED" for t in killed)
+    assert not [t for t in _trials(storage, name) if t.state == TrialState.RUNNING]
+    started = time.time()
+    again = _ablate(workdir, fake_runner)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "6/6 grid points done" in again.stdout and time.time() - started < HEARTBEAT_GRACE_S

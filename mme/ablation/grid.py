@@ -1,9 +1,16 @@
-"""Grid bookkeeping shared by the ablation workers: which (setting, seed) points are done, running,
-queued or failed; whether a trial may run its point; re-queueing a point.
+"""Grid bookkeeping shared by the ablation workers: the study's grid as queued trials, which (setting,
+seed) points are done, running, queued or failed; whether a trial may run its point; re-queueing a point;
+reclaiming the points of workers that died.
+
+Only Optuna's public API is used: the grid is enumerated here and queued with `Study.enqueue_trial`,
+each queued trial carrying its point as user attributes (`setting`, `seed`), so a point is known from
+the moment its trial exists, before any parameter is suggested.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +18,16 @@ MAX_RETRY = 1  # a point that fails (not merely interrupted) is run once more, t
 Point = tuple[str, int]  # (setting label, seed)
 
 
+def point_params(point: Point) -> dict[str, Any]:
+    return {"setting": point[0], "seed": int(point[1])}
+
+
 def point_of(trial: Any) -> Point | None:
-    """The (setting, seed) a trial runs: its params, else the params it was queued with."""
-    params = trial.params if "setting" in trial.params else trial.system_attrs.get("fixed_params", {})
-    return (params["setting"], int(params["seed"])) if "setting" in params and "seed" in params else None
+    """The (setting, seed) a trial runs: its params, else the point it was queued with."""
+    for source in (trial.params, trial.user_attrs):
+        if "setting" in source and "seed" in source:
+            return source["setting"], int(source["seed"])
+    return None
 
 
 def counts_as_failure(trial: Any) -> bool:
@@ -25,16 +38,13 @@ def counts_as_failure(trial: Any) -> bool:
 
 def blocking_reason(trials: list[Any], me: Any, point: Point) -> str | None:
     """Why trial `me` must not run `point` (None: it may): the point is COMPLETE, or RUNNING in a trial
-    that started earlier (GridSampler can hand one point to two workers near the end of a grid), or it
-    has failed more than MAX_RETRY times. `trials` are the study's FrozenTrials, `me` included."""
+    that started earlier (two workers may each have queued it), or it has failed more than MAX_RETRY
+    times. `trials` are the study's FrozenTrials, `me` included."""
     from optuna.trial import TrialState
 
     failures = 0
     for other in trials:
-        if other.number == me.number:
-            continue
-        theirs = point_of(other)
-        if theirs != point and not (theirs is None and _same_grid_cell(other, me)):
+        if other.number == me.number or point_of(other) != point:
             continue
         if other.state == TrialState.COMPLETE:
             return f"grid point {point} already finished in trial {other.number}"
@@ -46,12 +56,6 @@ def blocking_reason(trials: list[Any], me: Any, point: Point) -> str | None:
     return None
 
 
-def _same_grid_cell(a: Any, b: Any) -> bool:
-    """Both trials were given the same GridSampler cell (known before their params are written)."""
-    return ("grid_id" in a.system_attrs and a.system_attrs.get("grid_id") == b.system_attrs.get("grid_id")
-            and a.system_attrs.get("search_space") == b.system_attrs.get("search_space"))
-
-
 @dataclass
 class GridState:
     """Where each (setting, seed) point of a study stands, read from its trials."""
@@ -60,13 +64,14 @@ class GridState:
     active: set[Point]  # RUNNING or WAITING somewhere
     waiting: int
     failures: dict[Point, int]
-    last_tried: dict[Point, Any]  # latest FAIL (else first PRUNED) trial with params, per point
+    last_tried: dict[Point, Any]  # latest FAIL (else first PRUNED) trial, per point
+    running: dict[Point, Any]  # a RUNNING trial per point (who holds it)
 
     @classmethod
     def read(cls, study: Any) -> GridState:
         from optuna.trial import TrialState
 
-        state = cls(set(), set(), 0, {}, {})
+        state = cls(set(), set(), 0, {}, {}, {})
         for trial in study.get_trials(deepcopy=False):
             point = point_of(trial)
             state.waiting += trial.state == TrialState.WAITING
@@ -76,7 +81,9 @@ class GridState:
                 state.done.add(point)
             elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 state.active.add(point)
-            elif trial.params:
+                if trial.state == TrialState.RUNNING:
+                    state.running.setdefault(point, trial)
+            else:
                 if trial.state == TrialState.FAIL or point not in state.last_tried:  # prefer a failed attempt
                     state.last_tried[point] = trial
                 state.failures[point] = state.failures.get(point, 0) + counts_as_failure(trial)
@@ -89,12 +96,50 @@ class GridState:
     def given_up(self, points: list[Point]) -> list[Point]:
         return [p for p in points if p not in self.done and self.failures.get(p, 0) > MAX_RETRY]
 
+    def elsewhere(self, points: list[Point]) -> list[Point]:
+        """Points not done whose trial is RUNNING (in another worker, as seen by one that has finished)."""
+        return [p for p in points if p not in self.done and p in self.running]
 
-def requeue(study: Any, template: Any) -> None:
-    """Queue `template`'s point again as a WAITING trial (same params and grid id; `retry_of` noted)."""
-    import optuna
 
-    system = {k: template.system_attrs[k] for k in ("grid_id", "search_space") if k in template.system_attrs}
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.WAITING, params=template.params, distributions=template.distributions,
-        system_attrs=system, user_attrs={"retry_of": template.number}))
+def enqueue_grid(study: Any, points: list[Point]) -> None:
+    """Queue every point of the grid once (a point that already has a trial is skipped)."""
+    for point in points:
+        study.enqueue_trial(point_params(point), user_attrs=point_params(point), skip_if_exists=True)
+
+
+def requeue(study: Any, point: Point, retry_of: int | None = None) -> None:
+    """Queue `point` again as a WAITING trial (`retry_of`: the trial it retries)."""
+    attrs = point_params(point) | ({"retry_of": retry_of} if retry_of is not None else {})
+    study.enqueue_trial(point_params(point), user_attrs=attrs)
+
+
+def owner(trial: Any) -> str:
+    """`pid P on HOST` of the worker that runs `trial` (as it recorded itself), for messages."""
+    return f"pid {trial.user_attrs.get('worker_pid', '?')} on {trial.user_attrs.get('worker_host', '?')}"
+
+
+def owner_is_dead(trial: Any) -> bool:
+    """The trial's worker ran on this host and its process is gone (a worker elsewhere: unknown, False)."""
+    pid, host = trial.user_attrs.get("worker_pid"), trial.user_attrs.get("worker_host")
+    if pid is None or host != socket.gethostname() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def reclaim_dead(study: Any) -> list[Any]:
+    """Fail the RUNNING trials whose worker process died on this host (killed outright), so their points
+    are re-queued at once instead of after the heartbeat grace period; returns those trials."""
+    from optuna.trial import TrialState
+
+    reclaimed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owner_is_dead(trial):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            reclaimed.append(trial)
+    return reclaimed

@@ -15,9 +15,14 @@ Policy (experiments/README.md says the same for users):
   and re-queued on the next run without using up the retry. A worker killed outright: on an RDB storage
   (SQLite included) its trial goes stale after HEARTBEAT_GRACE_S and RetryHeartbeatStaleTrialCallback
   re-queues it; a journal has no heartbeat, so use `--requeue-running` once no worker is alive.
-- Duplicates: before running, a trial yields (PRUNED) when its point is COMPLETE, is RUNNING in a trial
-  that started earlier, has used up its retries, or its trial directory is locked by another process.
-  Tables de-duplicate by (setting, seed) anyway.
+  A worker killed on this host is noticed at once (its recorded pid is gone): its trial is failed, its
+  MLflow runs marked KILLED and its point re-queued by the next worker or re-run.
+- Duplicates: the grid is queued once (`enqueue_trial`), under a file lock next to a SQLite/journal store
+  that also serialises the first creation of the stores; before running, a trial yields (PRUNED) when its
+  point is COMPLETE, is RUNNING in a trial that started earlier, has used up its retries, or its trial
+  directory is locked by another process. Tables de-duplicate by (setting, seed) anyway.
+- Several launchers: one that finds the rest of the grid running in other workers exits 0 and says so,
+  leaving the study's MLflow parent run RUNNING for the launcher that finishes the last point.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,8 +45,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mme.ablation.grid import MAX_RETRY, GridState, Point, blocking_reason, requeue
-from mme.ablation.storage import open_storage
+from mme.ablation.grid import (
+    MAX_RETRY,
+    GridState,
+    Point,
+    blocking_reason,
+    enqueue_grid,
+    owner,
+    point_of,
+    reclaim_dead,
+    requeue,
+)
+from mme.ablation.storage import HEARTBEAT_GRACE_S, open_storage, storage_lock
 from mme.ablation.studies import (
     ATTR_BUDGET,
     ATTR_DATASET,
@@ -55,7 +71,7 @@ from mme.ablation.studies import (
     trial_budget,
 )
 from mme.config import Config, load_config
-from mme.engine.tracking import setup_experiment, tracking_uri
+from mme.engine.tracking import pipeline_tag, setup_experiment, tracking_uri
 from mme.paths import Paths
 
 Runner = Callable[[Config, Path, tuple[str, ...]], dict[str, float]]
@@ -149,69 +165,113 @@ def load_runner(spec: str | None, default: Runner) -> Runner:
 
 
 def create_study_once(plan: Plan, cfg: Config) -> Any:
-    """Create (or load) the study and its MLflow parent run before any worker starts."""
+    """Create (or load) the study, queue its grid and open its MLflow parent run before any worker starts;
+    one launcher at a time (`storage_lock`), so concurrent launchers on a fresh workdir share one of each."""
+    with storage_lock(plan.storage):
+        study = _create_study(plan)
+        experiment_id = setup_experiment(cfg, plan.workdir)
+        client = _client(plan)
+        run_id = study.user_attrs.get(ATTR_PARENT_RUN)
+        if run_id:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.update_run(run_id, status="RUNNING")
+                return study
+            except MlflowException:
+                print(f"ablate: MLflow parent run {run_id} is gone from {tracking_uri(plan.workdir)}; making a new one")
+        tags = {"stage": "ablate", "optuna_study": plan.name, "mme_study": plan.study.name,
+                "paper_table": plan.study.table, "preset": plan.preset, "dataset": plan.dataset}
+        run = client.create_run(experiment_id, run_name=f"ablate {plan.name}", tags=tags)
+        for k, v in (("study", plan.study.name), ("preset", plan.preset), ("dataset", plan.dataset),
+                     ("overrides", "; ".join(plan.overrides) or "-"), ("settings", " | ".join(plan.study.labels))):
+            client.log_param(run.info.run_id, k, v)
+        study.set_user_attr(ATTR_PARENT_RUN, run.info.run_id)
+        return study
+
+
+def _create_study(plan: Plan) -> Any:
+    """The Optuna study with its attributes, objective name and every grid point queued."""
     import optuna
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     study = optuna.create_study(storage=open_storage(plan.storage), study_name=plan.name, direction="maximize",
-                                sampler=optuna.samplers.GridSampler(plan.search_space(), seed=0), load_if_exists=True)
+                                sampler=_sampler(), load_if_exists=True)
     if study.user_attrs.get(ATTR_STUDY) is None:
         for key, value in ((ATTR_STUDY, plan.study.name), (ATTR_PRESET, plan.preset),
                            (ATTR_DATASET, plan.dataset), (ATTR_OVERRIDES, list(plan.overrides)),
                            (ATTR_BUDGET, list(trial_budget(plan.preset)))):
             study.set_user_attr(key, value)
-    experiment_id = setup_experiment(cfg, plan.workdir)
-    client = MlflowClient()
-    run_id = study.user_attrs.get(ATTR_PARENT_RUN)
-    if run_id:
-        try:
-            client.update_run(run_id, status="RUNNING")
-            return study
-        except MlflowException:
-            print(f"ablate: MLflow parent run {run_id} is gone from {tracking_uri(plan.workdir)}; making a new one")
-    tags = {"stage": "ablate", "optuna_study": plan.name, "mme_study": plan.study.name,
-            "paper_table": plan.study.table, "preset": plan.preset, "dataset": plan.dataset}
-    run = client.create_run(experiment_id, run_name=f"ablate {plan.name}", tags=tags)
-    for key, value in (("study", plan.study.name), ("preset", plan.preset), ("dataset", plan.dataset),
-                       ("overrides", "; ".join(plan.overrides) or "-"), ("settings", " | ".join(plan.study.labels))):
-        client.log_param(run.info.run_id, key, value)
-    study.set_user_attr(ATTR_PARENT_RUN, run.info.run_id)
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # experimental API, used for its public effect only (dashboard labels)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([plan.study.objective])
+    enqueue_grid(study, plan.points())
     return study
+
+
+def _sampler() -> Any:
+    """Never picks a value: every trial runs a queued point (an unqueued one is pruned before suggesting)."""
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=0)
+
+
+def _client(plan: Plan) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri(plan.workdir))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Workers
 
 
-def run_worker(plan: Plan, hooks: Hooks) -> None:
-    """Run grid points until none is left to this worker (done, running elsewhere, or given up)."""
+def run_worker(plan: Plan, hooks: Hooks) -> GridState:
+    """Run grid points until none is left to this worker (done, running elsewhere, or given up); returns
+    the grid as this worker left it."""
     import optuna
-    from optuna.storages import fail_stale_trials
 
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(plan.workdir)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    sampler = optuna.samplers.GridSampler(plan.search_space(), seed=0)
     study = optuna.load_study(study_name=plan.name, storage=open_storage(plan.storage, heartbeat=True,
-                                                                         max_retry=MAX_RETRY), sampler=sampler)
+                                                                         max_retry=MAX_RETRY), sampler=_sampler())
     runner, parent = load_runner(plan.runner, hooks.default_runner), study.user_attrs.get(ATTR_PARENT_RUN)
     points = plan.points()
     while True:
-        with warnings.catch_warnings():  # experimental API; Optuna calls it the same way before each trial
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            fail_stale_trials(study)  # RDB: trials of killed workers -> FAIL, re-queued by the heartbeat callback
-        state = GridState.read(study)
-        todo = state.todo(points)
-        for point in todo:
-            if point in state.last_tried:  # failed, interrupted or pruned before: queue it again
-                requeue(study, state.last_tried[point])
-        fresh = [p for p in todo if p not in state.last_tried]
-        if fresh and not state.waiting and sampler.is_exhausted(study):
-            for label, seed in fresh:  # the sampler counts these as visited (e.g. failed before suggesting)
-                study.enqueue_trial({"setting": label, "seed": seed})
+        state, todo = refresh_grid(plan, study)
         if not todo and not state.waiting:
-            return
+            elsewhere = state.elsewhere(points)
+            if elsewhere:
+                print(f"ablate[{os.getpid()}]: nothing left for this worker; {len(elsewhere)} point(s) still "
+                      f"running in other workers: {_holders(state, elsewhere)}", flush=True)
+            return state
         study.optimize(lambda trial: objective(trial, study, plan, runner, parent), n_trials=1, catch=(Exception,))
+
+
+def refresh_grid(plan: Plan, study: Any) -> tuple[GridState, list[Point]]:
+    """Fail the trials of dead workers (stale heartbeat, or a pid gone on this host; their MLflow runs
+    KILLED), then queue again every point left to do; one process at a time (`storage_lock`)."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    with warnings.catch_warnings():  # experimental API; Optuna calls it the same way before each trial
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)  # RDB: trials of killed workers -> FAIL, re-queued by the heartbeat callback
+    for trial in reclaim_dead(study):
+        print(f"ablate[{os.getpid()}]: trial {trial.number} {point_of(trial)} lost its worker ({owner(trial)}); "
+              "marked failed and queued again", flush=True)
+        _kill_runs(_client(plan), trial.user_attrs.get("mlflow_run_id"))
+    with storage_lock(plan.storage):
+        state = GridState.read(study)
+        todo = state.todo(plan.points())
+        for point in todo:
+            tried = state.last_tried.get(point)
+            requeue(study, point, retry_of=tried.number if tried is not None else None)
+    return state, todo
+
+
+def _holders(state: GridState, points: list[Point]) -> str:
+    return "; ".join(f"{p[0]} seed {p[1]} in trial {state.running[p].number} ({owner(state.running[p])})"
+                     for p in points)
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
@@ -222,7 +282,10 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
 def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: str | None) -> float:
     import optuna
 
-    label = trial.suggest_categorical("setting", list(plan.study.labels))
+    point = point_of(trial)
+    if point is None:  # created by optimize() when another worker took the last queued trial
+        raise optuna.TrialPruned("no queued grid point left for this trial")
+    label = trial.suggest_categorical("setting", list(plan.study.labels))  # the queued values: kept as params
     seed = trial.suggest_int("seed", 0, plan.seeds - 1)
     trials = study.get_trials(deepcopy=False)
     me = next(t for t in trials if t.number == trial.number)
@@ -235,8 +298,9 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
             raise optuna.TrialPruned(f"{trial_dir} is locked by another worker")
         _fresh_trial_dir(trial_dir, plan.workdir)
         cfg = plan.trial_config(label, seed)
-        for key, value in (("setting", label), ("seed", seed), ("trial_workdir", str(trial_dir)),
-                           ("worker_pid", os.getpid()), ("preset", plan.preset), ("dataset", plan.dataset)):
+        for key, value in (("trial_workdir", str(trial_dir)), ("worker_pid", os.getpid()),
+                           ("worker_host", socket.gethostname()), ("interrupted", False),
+                           ("preset", plan.preset), ("dataset", plan.dataset)):
             trial.set_user_attr(key, value)
         started = time.time()
         try:
@@ -291,25 +355,39 @@ def _fresh_trial_dir(trial_dir: Path, workdir: Path) -> None:
 
 def _tracked_run(trial: Any, plan: Plan, cfg: Config, point: Point, trial_dir: Path, runner: Runner,
                  parent_run: str | None) -> dict[str, float]:
-    """One MLflow run per trial, nested under the study's parent run; the stage runs nest under it."""
+    """One MLflow run per trial, nested under the study's parent run; the stage runs nest under it.
+    A trial stopped by Ctrl-C/SIGTERM ends KILLED, one that raises FAILED."""
     import mlflow
 
     label, seed = point
     experiment_id = setup_experiment(cfg, plan.workdir)
-    tags = {"stage": "ablate-trial", "optuna_study": plan.name, "optuna_trial": str(trial.number),
-            "setting": label, "seed": str(seed), "preset": plan.preset, "dataset": plan.dataset}
-    with mlflow.start_run(run_name=f"{label} seed{seed}", experiment_id=experiment_id, parent_run_id=parent_run,
-                          tags=tags) as run:
+    trial_tags = {"optuna_study": plan.name, "optuna_trial": str(trial.number), "setting": label}
+    tags = trial_tags | {"stage": "ablate-trial", "seed": str(seed), "preset": plan.preset, "dataset": plan.dataset,
+                         "pipeline": pipeline_tag(cfg, trial_tags)}
+    run = mlflow.start_run(run_name=f"{label} seed{seed} [{plan.name} #{trial.number}]", experiment_id=experiment_id,
+                           parent_run_id=parent_run, tags=tags)
+    status = "FAILED"
+    try:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.log_params({"optuna_study": plan.name, "optuna_trial_number": trial.number, "setting": label,
                            "seed": seed, "overrides": "; ".join(plan.study.setting(label).overrides)})
         metrics = runner(cfg, trial_dir, plan.study.stages)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        while mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id:
+            mlflow.end_run(status=status)  # a stage run the interruption left open
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
     return metrics
 
 
 def launch_workers(plan: Plan, n_jobs: int, script: Path) -> int:
-    """Start `n_jobs` processes of the command line `script` in worker mode; returns the worst exit code."""
+    """Start `n_jobs` processes of the command line `script` in worker mode; returns 0 if every one
+    exited 0, else 1 (each failed worker is named, with its signal when one killed it)."""
     cmd = [sys.executable, str(script), "--worker", "--study", plan.study.name,
            "--preset", plan.preset, "--seeds", str(plan.seeds), "--storage", plan.storage,
            "--workdir", str(plan.workdir)]
@@ -321,19 +399,34 @@ def launch_workers(plan: Plan, n_jobs: int, script: Path) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n_jobs)))
     procs = [subprocess.Popen(cmd, env=env) for _ in range(n_jobs)]
     try:
-        return max(proc.wait() for proc in procs)
+        codes = [proc.wait() for proc in procs]
     except KeyboardInterrupt:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
         raise
+    for index, (proc, code) in enumerate(zip(procs, codes, strict=True), start=1):
+        if code:
+            print(f"ablate: worker {index}/{n_jobs} (pid {proc.pid}) {exit_description(code)}; see its output above",
+                  file=sys.stderr, flush=True)
+    return 1 if any(codes) else 0
+
+
+def exit_description(code: int) -> str:
+    """`exited with code 1` or `was killed by signal 9 (SIGKILL)` for a Popen return code."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"was killed by signal {-code} ({name})"
 
 
 def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
-    """Prepare once, run the workers, close the MLflow parent run, rebuild the tables; 0 if all points are done."""
-    from mlflow import MlflowClient
-
+    """Prepare once, run the workers, close the MLflow parent run, rebuild the tables; 0 if all points are
+    done, or the rest runs in other workers (the parent run is then left to the last of them)."""
     started = time.time()
     cfg = plan.base_config()
     if plan.runner is None:
@@ -345,43 +438,63 @@ def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             print(f"ablate: trial {trial.number} was RUNNING; marked FAIL so its point is retried")
-    parent, client, status = study.user_attrs[ATTR_PARENT_RUN], MlflowClient(), "FAILED"
+    parent, client, status = study.user_attrs[ATTR_PARENT_RUN], _client(plan), "FAILED"
     try:
         if args.n_jobs > 1:
             worst = launch_workers(plan, args.n_jobs, hooks.script)
         else:
             worst = 0
             run_worker(plan, hooks)
+        state, _ = refresh_grid(plan, study)
         _close_dead_trial_runs(study, client)
-        state = GridState.read(study)
         points = plan.points()
-        done, given_up = [p for p in points if p in state.done], state.given_up(points)
-        status = "FINISHED" if len(done) == len(points) else "FAILED"
+        done, given_up, elsewhere = [p for p in points if p in state.done], state.given_up(points), []
+        if len(done) == len(points):
+            status = "FINISHED"
+        elif not given_up and not worst:
+            elsewhere = [p for p in points if p not in state.done]  # running (or queued) in other workers
+            status = "RUNNING"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(parent, status)
+        if status != "RUNNING":  # RUNNING: the launcher that finishes the last point closes it
+            client.set_terminated(parent, status)
     client.log_metric(parent, "grid_points_done", len(done))
     client.log_metric(parent, "grid_points_given_up", len(given_up))
     print(f"ablate: study {plan.name}: {len(done)}/{len(points)} grid points done, {len(given_up)} given up"
           f"{' ' + str(given_up) if given_up else ''}, {time.time() - started:.1f} s; storage {plan.storage}",
           flush=True)
+    if elsewhere:
+        print(f"ablate: the other {len(elsewhere)} point(s) are in other workers' hands "
+              f"({_holders(state, [p for p in elsewhere if p in state.running]) or 'queued'}); they finish the "
+              f"study. If such a worker was killed on another host, run this again after {HEARTBEAT_GRACE_S} s "
+              "(heartbeat grace period) or with --requeue-running once no worker is alive.", flush=True)
     hooks.report(cfg, plan.workdir, plan.storage)
     if worst:
-        print(f"ablate: a worker exited with code {worst}; see its output above", file=sys.stderr)
-    return 0 if status == "FINISHED" and not worst else 1
+        print("ablate: a worker failed (see above); run the same command again to retry its point", file=sys.stderr)
+    return 0 if status in ("FINISHED", "RUNNING") and not worst else 1
 
 
 def _close_dead_trial_runs(study: Any, client: Any) -> None:
     """MLflow runs of trials whose worker was killed stay RUNNING; mark them KILLED (their trial is FAIL)."""
-    from mlflow.exceptions import MlflowException
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        try:
-            if run_id and client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
-        except MlflowException:
-            continue
+        _kill_runs(client, trial.user_attrs.get("mlflow_run_id"))
+
+
+def _kill_runs(client: Any, run_id: str | None) -> None:
+    """Mark a trial's MLflow run, and the stage runs nested under it, KILLED where still RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return
+    try:
+        run = client.get_run(run_id)
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        for item in [run, *children]:
+            if item.info.status == "RUNNING":
+                client.set_terminated(item.info.run_id, "KILLED")
+    except MlflowException:
+        return

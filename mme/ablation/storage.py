@@ -1,10 +1,14 @@
-"""Where ablation trials are stored: Optuna RDB storages (SQLite, servers) and journal files."""
+"""Where ablation trials are stored: Optuna RDB storages (SQLite, servers) and journal files, and the
+file lock that serialises their first creation (and the grid bookkeeping) across processes."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
+
+from mme.engine.tracking import file_lock, sqlite_file
 
 # A worker's trial counts as dead after this long without a heartbeat (its process was killed).
 HEARTBEAT_INTERVAL_S = 30
@@ -27,6 +31,13 @@ def storage_exists(url: str) -> bool:
     if is_journal_url(url):
         return journal_path(url).exists()
     return True
+
+
+def storage_lock(url: str) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock next to a SQLite or journal store (`<file>.lock`), for the processes of one
+    machine or shared filesystem; a no-op for servers (their database serialises schema creation)."""
+    path = sqlite_file(url) or (journal_path(url) if is_journal_url(url) else None)
+    return file_lock(path.with_name(path.name + ".lock")) if path is not None else contextlib.nullcontext()
 
 
 def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:
@@ -52,8 +63,9 @@ def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     if not heartbeat:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
-    with warnings.catch_warnings():  # heartbeat_interval is flagged experimental; we rely on it knowingly
+        with storage_lock(url):  # two processes creating one SQLite schema at once collide
+            return RDBStorage(url, engine_kwargs=engine_kwargs)
+    with storage_lock(url), warnings.catch_warnings():  # heartbeat_interval: experimental, relied on knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
                           grace_period=HEARTBEAT_GRACE_S,

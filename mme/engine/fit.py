@@ -24,7 +24,14 @@ from mme.config import Config
 from mme.engine.checkpointing import FINAL, LAST, load_training_state, save_checkpoint
 from mme.engine.distributed import DistEnv, wrap_ddp
 from mme.engine.loops import LossFn, set_epoch, train_one_epoch
-from mme.engine.tracking import EpochRecorder, log_artifact, log_params, stage_run
+from mme.engine.tracking import (
+    EpochRecorder,
+    log_artifact,
+    log_dataset_lists,
+    log_params,
+    log_stage_model,
+    stage_run,
+)
 from mme.paths import Paths
 from mme.utils import write_json
 
@@ -105,9 +112,11 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
     device = plan.device or env.device
     recorder = EpochRecorder(paths.plots_dir / f"{plan.stage}.csv", env.is_main, state["history"])
     tags = run_tags(plan, keep, state, resume)
-    with stage_run(cfg, paths.workdir, plan.stage, enabled=env.is_main, tags=tags) as mlrun:
+    with stage_run(cfg, paths.workdir, plan.stage, enabled=env.is_main, tags=tags, system_metrics=True,
+                   resume_run_id=state.get("mlflow_run_id")) as mlrun:
         keep["mlflow_run_id"] = mlrun.info.run_id if mlrun else None
         log_params(({PRETRAIN_RUN_ID: tags[PRETRAIN_RUN_ID]} if PRETRAIN_RUN_ID in keep else {}) | plan.params)
+        log_dataset_lists(cfg, paths, ("train",) if plan.validate is None else ("train", "val"))
         for epoch in range(state["epoch"], plan.epochs):
             set_epoch(plan.loader, epoch)
             stats = train_one_epoch(model, plan.loader, plan.optimizer, plan.scheduler, plan.loss_fn, epoch=epoch,
@@ -121,8 +130,10 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
                 save_checkpoint(paths.models_dir(plan.stage) / LAST, model=plan.model, optimizer=plan.optimizer,
                                 scheduler=plan.scheduler, scaler=plan.scaler, epoch=epoch + 1,
                                 step=(epoch + 1) * plan.updates, history=recorder.rows, stage=plan.stage, **keep)
-        return finish_stage(plan.stage, paths, env, plan.model, recorder.rows, plan.keys, epoch=plan.epochs,
-                            step=plan.epochs * plan.updates, extra=plan.metrics, **keep)
+        result = finish_stage(plan.stage, paths, env, plan.model, recorder.rows, plan.keys, epoch=plan.epochs,
+                              step=plan.epochs * plan.updates, extra=plan.metrics, **keep)
+        log_stage_model(cfg, plan.stage, plan.model)
+        return result
 
 
 def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows: list[dict[str, float]],
