@@ -26,7 +26,7 @@ from mme.engine.distributed import DistEnv, wrap_ddp
 from mme.engine.loops import LossFn, set_epoch, train_one_epoch
 from mme.engine.tracking import EpochRecorder, log_artifact, log_params, stage_run
 from mme.paths import Paths
-from mme.utils import write_json
+from mme.utils import write_metrics
 
 # Checkpoint extras that name the pre-training run a stage descends from: also an MLflow tag and param.
 PRETRAIN_RUN_ID = "pretrain_run_id"
@@ -140,6 +140,6 @@ def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows:
     final = paths.models_dir(stage) / FINAL
     if env.is_main:
         save_checkpoint(final, model=model, history=rows, stage=stage, **checkpoint)
-        write_json(paths.metrics_dir / f"{stage}.json", metrics | {"epochs": len(rows)})
+        write_metrics(paths.metrics_dir / f"{stage}.json", metrics | {"epochs": len(rows)})
         log_artifact(final, "checkpoints")
     return metrics | {"epochs": len(rows), "checkpoint": str(final)}
