@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, default=None, help="parallel extraction processes")
             p.add_argument("--shard", default=None, metavar="i/N", help="process only shard i of N (0-based)")
         if command in ("pretrain", "finetune", "probe"):
-            p.add_argument("--resume", action="store_true", help="continue from models/<stage>/last.pt")
+            p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                           help="--resume: continue from models/<stage>/last.pt (fail if it cannot); --no-resume: "
+                                "start over; default: continue when last.pt is an unfinished run of the same "
+                                "parameters, else start over and say why")
         if command in ("finetune", "probe", "evaluate"):
             p.add_argument("--init", type=Path, default=None,
                            help="checkpoint to start from (this project's or an official VideoMAE/MME one)")
@@ -229,6 +232,8 @@ def stage_options(args: argparse.Namespace) -> dict:
     options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if args.command == "extract" and args.workers is not None:
         options["workers"] = args.workers
+    if "resume" in vars(args):
+        options["resume"] = args.resume  # None: the training driver decides (mme.engine.fit.initial_state)
     return options
 
 
@@ -243,8 +248,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _interrupted(command: str) -> str:
     if command in ("pretrain", "finetune", "probe"):
-        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: continue with "
-                f"`mme {command} --resume` (same options)")
+        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: run the same command "
+                "again to continue from it")
     return "interrupted; finished outputs are kept, run the command again to complete it"
 
 
