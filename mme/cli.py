@@ -248,8 +248,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _interrupted(command: str) -> str:
     if command in ("pretrain", "finetune", "probe"):
-        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: run the same command "
-                "again to continue from it")
+        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: the same command "
+                f"continues from it (or `mme {command} --resume`, same options)")
     return "interrupted; finished outputs are kept, run the command again to complete it"
 
 

@@ -138,12 +138,13 @@ def split_numeric(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return numbers, other
 
 
-def write_metrics(path: str | Path, data: dict[str, Any]) -> None:
+def write_metrics(path: str | Path, data: dict[str, Any], details: tuple[str, ...] = ()) -> None:
     """A stage's metrics: numbers only in `path` (what `dvc metrics show/diff` reads), the rest (run ids,
-    paths, per-class lists, the confusion matrix) in `info_path(path)`, which is always written."""
-    numbers, other = split_numeric(data)
+    paths, lists, the confusion matrix) and the `details` keys (per-class values: one per class is no
+    summary) in `info_path(path)`, which is always written."""
+    numbers, other = split_numeric({k: v for k, v in data.items() if k not in details})
     write_json(path, numbers)
-    write_json(info_path(path), other)
+    write_json(info_path(path), other | {k: data[k] for k in details if k in data})
 
 
 def read_metrics(path: str | Path) -> dict[str, Any]:

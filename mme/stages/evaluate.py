@@ -100,7 +100,7 @@ def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: A
             if env.is_main:
                 log_params({"pretrain_run_id": pretrain_run_id or "none"})
                 log_metrics(metrics)
-                write_metrics(paths.metrics_dir / f"{STAGE}.json", result)
+                write_metrics(paths.metrics_dir / f"{STAGE}.json", result, details=("per_class_accuracy",))
                 plot_confusion(confusion, names, paths.figures_dir / "confusion.png")
                 log_artifact(paths.figures_dir / "confusion.png", "figures")
                 log_artifact(paths.metrics_dir / f"{STAGE}.json", "metrics")
