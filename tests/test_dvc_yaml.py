@@ -8,15 +8,17 @@ through `mme.cli.STAGES`):
   `__init__.py`; `tests/importgraph.py`), and every listed mme/ path holds at least one closure file.
   The registry names `mme.config.REGISTERED` looks up by string only decide which names validation
   accepts, so they are not followed. The other deps are outputs of earlier stages.
-- `params:` equal the config keys the stage reads minus `NOT_RESULT` (worker counts: they change how
-  fast, never what is computed). The keys read are recorded by running the stage's command on the smoke
-  preset through `mme.cli.main` with a traced config: every config dataclass in the tree is swapped for
-  a subclass that records each leaf read (`cfg.data.stride` -> `data.stride`). Not counted as reads:
+- `params:` equal the config keys the stage reads minus `NOT_RESULT` (`mme.config.SPEED_ONLY`, the
+  worker counts: they change how fast, never what is computed). The keys read are recorded by running
+  the stage's command on the smoke preset through `mme.cli.main` with a traced config: every config
+  dataclass in the tree is swapped for a subclass that records each leaf read (`cfg.data.stride` ->
+  `data.stride`), through aliases (`train = cfg.pretrain`) and copies alike. Not counted as reads:
   copying the whole tree (`to_dict`, `flat`, `digest`: checkpoint extras, MLflow params), reads made
-  inside `mme.engine.tracking` (MLflow names and tags) and reads of a key the stage overwrote in its own
-  copy (`single_view` sets `evaluate.num_clips`). Worker counts are set to 0 so that every read happens
-  in this process. A key read only on a branch the smoke run does not take must be named, with the
-  reason, in `OTHER_BRANCHES`; a key listed in dvc.yaml that is neither read nor named there fails.
+  inside `mme.engine.tracking` (MLflow names and tags) and reads of a key the stage overwrote in its
+  own copy (`single_view` sets `evaluate.num_clips`). Worker counts are set to 0 so that every read
+  happens in this process. A key read only on a branch the smoke run does not take must be named,
+  with the reason, in `OTHER_BRANCHES`; a key listed in dvc.yaml that is neither read nor named there
+  fails.
 
 What this guarantees: changing any key the stage read on the smoke path (or a file it imports)
 invalidates it in `dvc status`, and nothing else in params.yaml does. The same key lists answer
@@ -42,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = REPO / "dvc.yaml"
 pytestmark = pytest.mark.slow
 
-# The one list of keys that never invalidate a stage (they change speed, not results).
-NOT_RESULT = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers"})
+# Keys that never invalidate a stage (they change speed, not results): the one list is mme.config's.
+NOT_RESULT = config.SPEED_ONLY
 # Keys a stage reads only on a branch the smoke run does not take -> why they are listed anyway.
 OTHER_BRANCHES: dict[str, dict[str, str]] = {
     "download": {"data.folder": "read only for data.dataset=folder",
