@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from mme.config import PRESETS, ConfigError, load_config
+from mme import __version__
+from mme.config import PRESETS, SPEED_ONLY, ConfigError, load_config
 
 # command -> (stage module, help)
 STAGES = {
@@ -30,6 +31,60 @@ STAGES = {
     "report": ("report", "build reports/tables and figures from what has been measured"),
     "inspect-targets": ("inspect", "one clip through the whole target path, saved as .npz"),
 }
+
+# command -> the config keys its result depends on (dvc.yaml `params:`, checked by tests/test_dvc_yaml.py);
+# `mme STAGE --help` lists them with their values.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "download": ("data.dataset", "data.folder", "data.split", "data.synthetic.appearance",
+        "data.synthetic.camera_pan", "data.synthetic.distractors", "data.synthetic.fps", "data.synthetic.num_frames",
+        "data.synthetic.num_videos", "data.synthetic.size", "data.synthetic.zoom", "data.test_fraction",
+        "data.val_fraction", "seed"),
+    "extract": ("data.dataset", "data.short_side", "flow.backend", "flow.compensate_camera", "target.fb_check"),
+    "pretrain": ("data.crop_scale_min", "data.dataset", "data.flip", "data.input_size", "data.num_frames",
+        "data.short_side", "data.shuffle_frames", "data.stride", "flow.backend", "flow.compensate_camera",
+        "mask.kind", "mask.ratio", "model.decoder_depth", "model.decoder_dim", "model.decoder_mode",
+        "model.decoder_num_heads", "model.depth", "model.drop_path", "model.embed_dim", "model.mlp_ratio",
+        "model.name", "model.num_heads", "model.patch_size", "model.tubelet_size", "pretrain.accum_steps",
+        "pretrain.amp", "pretrain.base_lr", "pretrain.batch_size", "pretrain.betas", "pretrain.clip_grad",
+        "pretrain.epochs", "pretrain.min_lr", "pretrain.warmup_epochs", "pretrain.weight_decay", "seed",
+        "target.density", "target.interpolate", "target.kind", "target.length", "target.median_filter",
+        "target.patch_norm", "target.points_per_patch"),
+    "finetune": ("data.crop_scale_min", "data.dataset", "data.flip", "data.input_size", "data.num_frames",
+        "data.sampling", "data.short_side", "data.stride", "evaluate.batch_size", "finetune.accum_steps",
+        "finetune.amp", "finetune.base_lr", "finetune.batch_size", "finetune.clip_grad", "finetune.cutmix",
+        "finetune.epochs", "finetune.label_smoothing", "finetune.layer_decay", "finetune.min_lr", "finetune.mixup",
+        "finetune.token_drop", "finetune.warmup_epochs", "finetune.weight_decay", "model.decoder_depth",
+        "model.decoder_dim", "model.decoder_mode", "model.decoder_num_heads", "model.depth", "model.drop_path",
+        "model.embed_dim", "model.mlp_ratio", "model.name", "model.num_heads", "model.patch_size",
+        "model.tubelet_size", "seed"),
+    "probe": ("data.dataset", "data.input_size", "data.num_frames", "data.sampling", "data.short_side",
+        "data.stride", "evaluate.batch_size", "pretrain.amp", "probe.batch_size", "probe.epochs", "probe.lr",
+        "probe.weight_decay", "seed"),
+    "evaluate": ("data.dataset", "data.input_size", "data.num_frames", "data.sampling", "data.short_side",
+        "data.stride", "evaluate.batch_size", "evaluate.num_clips", "evaluate.num_crops", "finetune.amp", "seed"),
+    "report": ("data.dataset", "preset"),
+}
+
+
+def stage_keys(command: str) -> tuple[str, ...]:
+    """The config keys a stage command's result depends on (empty for commands that are not DVC stages)."""
+    return STAGE_KEYS.get(command, ())
+
+
+class StageParser(argparse.ArgumentParser):
+    """A sub-command parser whose help ends with the config keys its stage reads and their values."""
+
+    mme_command = ""
+
+    def format_help(self) -> str:
+        keys = stage_keys(self.mme_command)
+        if not keys:
+            return super().format_help()
+        flat = load_config("mini").flat()
+        rows = [f"  {key} = {flat[key]!r}" for key in keys]
+        return (super().format_help() + "\nconfig keys this stage reads (values of the mini preset; change them in "
+                "params.yaml or with --set KEY=VALUE):\n" + "\n".join(rows)
+                + f"\nspeed only, never part of a result: {', '.join(sorted(SPEED_ONLY))}\n")
 
 
 def _shared(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +100,11 @@ def _shared(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mme", description="Masked Motion Encoding reproducibility suite")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"mme {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=StageParser)
     for command, (_, help_text) in STAGES.items():
-        p = sub.add_parser(command, help=help_text)
+        p = sub.add_parser(command, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.mme_command = command
         _shared(p)
         if command in ("download", "extract"):
             p.add_argument("--dataset", default=None, help="synthetic, ucf101, hmdb51, k400, ssv2 or folder")
@@ -55,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--workers", type=int, default=None, help="parallel extraction processes")
             p.add_argument("--shard", default=None, metavar="i/N", help="process only shard i of N (0-based)")
         if command in ("pretrain", "finetune", "probe"):
-            p.add_argument("--resume", action="store_true", help="continue from models/<stage>/last.pt")
+            p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                           help="--resume: continue from models/<stage>/last.pt (fail if it cannot); --no-resume: "
+                                "start over; default: continue when last.pt is an unfinished run of the same "
+                                "parameters, else start over and say why")
         if command in ("finetune", "probe", "evaluate"):
             p.add_argument("--init", type=Path, default=None,
                            help="checkpoint to start from (this project's or an official VideoMAE/MME one)")
@@ -69,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(p)
     p.add_argument("--out", type=Path, default=Path("params.yaml"),
                    help="output file (default params.yaml; - for stdout)")
+    p = sub.add_parser("config", help="print the resolved config (preset, params.yaml, --set applied)")
+    _shared(p)
+    p.add_argument("--show", action="store_true", required=True, help="print the resolved tree as YAML")
     return parser
 
 
@@ -116,6 +179,38 @@ def params_preset(path: Path) -> str:
         return found.group(1)
 
 
+def check_params_preset(path: Path) -> None:
+    """Refuse a params file labelled `preset: P` whose values, on every key where P and another preset
+    differ, are all the other preset's: it was written for that one and only its label was edited (the
+    values would silently stay the other preset's).
+
+    Raises:
+        ConfigError: naming the file, both presets and the command that rewrites it.
+    """
+    from mme.config import load_params
+
+    tree, name = load_params(path), params_preset(path)
+    given = _flat(tree)
+    mine = _flat(load_config(name).to_dict())
+    for other in sorted(set(PRESETS) - {name}):
+        theirs = _flat(load_config(other).to_dict())
+        differ = [k for k in mine if k != "preset" and k in given and mine[k] != theirs[k]]
+        if differ and all(given[k] == theirs[k] for k in differ):
+            raise ConfigError(f"{path} says preset {name!r} but holds the {other!r} preset's values "
+                              f"({differ[0]}={given[differ[0]]!r}, ...); rewrite it with `mme params --preset {name}`")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Dotted keys; tuples as lists (as YAML reads them back)."""
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def output_dirs(command: str, workdir: Path) -> list[Path]:
     """The folders a command writes into, checked before its work starts."""
     from mme.paths import Paths
@@ -137,6 +232,8 @@ def stage_options(args: argparse.Namespace) -> dict:
     options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if args.command == "extract" and args.workers is not None:
         options["workers"] = args.workers
+    if "resume" in vars(args):
+        options["resume"] = args.resume  # None: the training driver decides (mme.engine.fit.initial_state)
     return options
 
 
@@ -151,8 +248,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _interrupted(command: str) -> str:
     if command in ("pretrain", "finetune", "probe"):
-        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: continue with "
-                f"`mme {command} --resume` (same options)")
+        return (f"interrupted; models/{command}/last.pt keeps the last finished epoch: the same command "
+                f"continues from it (or `mme {command} --resume`, same options)")
     return "interrupted; finished outputs are kept, run the command again to complete it"
 
 
@@ -163,7 +260,17 @@ def run_command(args: argparse.Namespace) -> int:
         overrides.insert(0, f"data.dataset={args.dataset}")
     if args.params is not None and not args.params.exists():
         raise ConfigError(f"params file {args.params} does not exist")
-    cfg = load_config(args.preset, overrides, params=resolve_params(args))
+    params = resolve_params(args)
+    if params is not None and (args.preset is None or args.preset == params_preset(params)):
+        check_params_preset(params)
+    cfg = load_config(args.preset, overrides, params=params)
+    if args.command == "config":
+        import yaml
+
+        from mme.config import params_tree
+
+        print(yaml.safe_dump(params_tree(cfg), sort_keys=False), end="")
+        return 0
     if args.command == "params":
         summary = json.dumps(write_params(cfg, args.out))
         from mme.utils import is_special_target  # YAML on stdout/a pipe: the summary goes to stderr

@@ -207,17 +207,10 @@ class Config:
 
 # Numeric ranges: key -> (low, high), inclusive.
 RANGES: dict[str, tuple[float, float]] = {
-    "mask.ratio": (0.0, 0.99),
-    "finetune.token_drop": (0.0, 0.95),
-    "target.length": (1, 32),
-    "target.points_per_patch": (1, 64),
-    "data.stride": (1, 16),
-    "data.num_frames": (2, 128),
-    "model.decoder_depth": (1, 16),
-    "data.crop_scale_min": (0.05, 1.0),
-    "data.val_fraction": (0.0, 0.5),
-    "data.test_fraction": (0.0, 0.5),
-    "data.synthetic.zoom": (0.25, 4.0),
+    "mask.ratio": (0.0, 0.99), "finetune.token_drop": (0.0, 0.95), "target.length": (1, 32),
+    "target.points_per_patch": (1, 64), "data.stride": (1, 16), "data.num_frames": (2, 128),
+    "model.decoder_depth": (1, 16), "data.crop_scale_min": (0.05, 1.0), "data.val_fraction": (0.0, 0.5),
+    "data.test_fraction": (0.0, 0.5), "data.synthetic.zoom": (0.25, 4.0),
 }
 
 # Named overlays (their sizing: docs/deviations.md, Scale). Only the keys that differ from the defaults.
@@ -274,10 +267,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {"preset": tuple(PRESETS)} | _literal_choi
 
 # Keys whose names a registry owns ("module:mapping" keyed by the names): registering one entry there is
 # the whole edit for a new name. Looked up only when validating, so the config stays the bottom layer.
-REGISTERED: dict[str, str] = {
-    "target.kind": "mme.targets:TARGETS",
-    "model.name": "mme.models.registry:SIZES",
-}
+REGISTERED: dict[str, str] = {"target.kind": "mme.targets:TARGETS", "model.name": "mme.models.registry:SIZES"}
 
 
 def allowed_values(key: str) -> tuple[Any, ...]:
@@ -291,11 +281,7 @@ def allowed_values(key: str) -> tuple[Any, ...]:
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
+        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
     return flat
 
 
@@ -379,6 +365,8 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
             _set(cfg, name, value)
 
 
+# Keys that change how fast a stage runs, never what it computes: no DVC stage lists them, no resume checks them.
+SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers"})
 # Counts: key -> smallest allowed value (no upper bound). Zero workers means "in this process"; a
 # negative or zero epoch count would make a run that trains nothing and still writes a final checkpoint.
 COUNTS: dict[str, int] = {

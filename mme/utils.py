@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import stat
@@ -112,6 +113,49 @@ def ensure_writable(*folders: str | Path) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def info_path(path: str | Path) -> Path:
+    """Where `write_metrics` puts the non-numeric values of `path`: `evaluate.json` -> `evaluate.info.json`."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.info.json")
+
+
+def split_numeric(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(finite numbers, everything else) of a nested mapping, keeping its nesting; booleans, strings,
+    None, lists and NaN go to the second."""
+    numbers: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            inner, rest = split_numeric(value)
+            numbers |= {key: inner} if inner else {}
+            other |= {key: rest} if rest else {}
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            numbers[key] = value
+        else:
+            other[key] = value
+    return numbers, other
+
+
+def write_metrics(path: str | Path, data: dict[str, Any], details: tuple[str, ...] = ()) -> None:
+    """A stage's metrics: numbers only in `path` (what `dvc metrics show/diff` reads), the rest (run ids,
+    paths, lists, the confusion matrix) and the `details` keys (per-class values: one per class is no
+    summary) in `info_path(path)`, which is always written."""
+    numbers, other = split_numeric({k: v for k, v in data.items() if k not in details})
+    write_json(path, numbers)
+    write_json(info_path(path), other | {k: data[k] for k in details if k in data})
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """What `write_metrics` split, merged back (the info file may be missing: an older run)."""
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return a | {k: merge(a[k], v) if isinstance(a.get(k), dict) and isinstance(v, dict) else v
+                    for k, v in b.items()}
+
+    extra = info_path(path)
+    return merge(json.loads(Path(path).read_text()), json.loads(extra.read_text()) if extra.exists() else {})
 
 
 def seed_everything(seed: int) -> None:

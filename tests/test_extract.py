@@ -22,6 +22,7 @@ from mme.motion.cache import FLOW_SCALE, flow_cache_path, is_valid_cache, load_f
 from mme.motion.flow import compute_flow
 from mme.paths import Paths
 from mme.stages import extract
+from mme.utils import read_metrics
 
 DATASET = "synthetic"
 RAW = f"data/raw/{DATASET}/videos"
@@ -88,7 +89,7 @@ def test_broken_videos_named_rest_extracted_then_reused_and_redone(tmp_path):
     assert result["frame_pairs"] == result["extracted_pairs"] == 4 * 15
     assert result["bytes_on_disk"] == sum(p.stat().st_size for p in caches(tmp_path).values())
     assert result["float32_bytes"] == 4 * 15 * 64 * 85 * 2 * 4  # 72x96 resized to short side 64
-    on_disk = json.loads((Paths(tmp_path).metrics_dir / "extract.json").read_text())
+    on_disk = read_metrics(Paths(tmp_path).metrics_dir / "extract.json")
     assert on_disk == json.loads(json.dumps(result))
 
     # The cache holds the flow of exactly the frames the datasets decode (same call, same geometry).

@@ -27,7 +27,7 @@ from mme.models import build_classifier, read_checkpoint
 from mme.models.checkpoint import CheckpointError, load_checkpoint
 from mme.motion.cache import flow_cache_path
 from mme.paths import Paths
-from mme.utils import atomic_path, report_skipped, write_json, write_text_atomic
+from mme.utils import atomic_path, read_metrics, report_skipped, write_json, write_text_atomic
 
 
 def one_line(err: str) -> str:
@@ -119,7 +119,7 @@ def test_a_truncated_flow_cache_is_named_listed_and_counted(work, capsys):
     assert sum(f"pretrain: skipped {rel}: " in line for line in err.splitlines()) == 1
     lines = Paths(work).skipped_file.read_text().splitlines()
     assert [line.split("\t")[:2] for line in lines if line.startswith("pretrain\t")] == [["pretrain", rel]]
-    metrics = json.loads((Paths(work).metrics_dir / "pretrain.json").read_text())
+    metrics = read_metrics(Paths(work).metrics_dir / "pretrain.json")
     assert metrics["num_skipped"] == 1 and metrics["skipped"][0]["video"] == rel
     assert str(cache) in metrics["skipped"][0]["reason"]
 

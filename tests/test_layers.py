@@ -6,10 +6,11 @@ included: a lazy import is still a dependency). docs/architecture.md explains th
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
-MME = Path(__file__).resolve().parents[1] / "mme"
+import importgraph
+
+MME = importgraph.MME
 
 # Top to bottom; a unit may import its own layer's units (without a cycle) and any layer below.
 LAYERS: tuple[tuple[str, ...], ...] = (
@@ -34,23 +35,12 @@ def unit_of(module: str) -> str | None:
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(MME.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return importgraph.module_name(path, MME)
 
 
 def imports(path: Path) -> set[str]:
     """Absolute names of the mme modules a file imports (relative imports resolved)."""
-    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-    return {name for name in found if name == "mme" or name.startswith("mme.")}
+    return importgraph.imports(path, MME)
 
 
 def unit_graph() -> dict[str, dict[str, list[str]]]:

@@ -6,7 +6,6 @@ file, through `mme download -> extract -> pretrain -> finetune -> probe -> evalu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
@@ -23,6 +22,7 @@ from mme.datasets import PretrainDataset, VideoClsDataset
 from mme.motion.cache import flow_cache_path, load_flow
 from mme.paths import Paths
 from mme.targets import TargetGeometry
+from mme.utils import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,7 @@ def workdir(footage, tmp_path_factory) -> Path:
 
 
 def _metrics(work: Path, stage: str) -> dict:
-    return json.loads((Paths(work).metrics_dir / f"{stage}.json").read_text())
+    return read_metrics(Paths(work).metrics_dir / f"{stage}.json")
 
 
 def _rows(work: Path) -> dict[str, list[tuple[str, int]]]:

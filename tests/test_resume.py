@@ -7,7 +7,6 @@ Runs the real `pretrain` and `finetune` stages on small in-memory datasets (patc
 from __future__ import annotations
 
 import csv
-import json
 import sys
 import types
 
@@ -20,6 +19,7 @@ from mme.config import load_config
 from mme.engine import fit
 from mme.engine.checkpointing import save_checkpoint
 from mme.models import read_checkpoint
+from mme.utils import read_metrics
 
 PARTS = {"pos": 8, "shape": 12}
 
@@ -122,7 +122,7 @@ def test_pretrain_resume_equals_straight_run(tmp_path, monkeypatch):
     assert resumed["loss"] == straight["loss"] and resumed["loss_pos"] == straight["loss_pos"]
     losses = [loss_columns(tmp_path / run / "reports/plots/pretrain.csv") for run in ("straight", "resumed")]
     assert losses[0] == losses[1] and len(losses[0]) == 3
-    metrics = json.loads((tmp_path / "straight/reports/metrics/pretrain.json").read_text())
+    metrics = read_metrics(tmp_path / "straight/reports/metrics/pretrain.json")
     assert set(metrics) >= {"loss", "loss_pos", "loss_shape", "mlflow_run_id"}
 
 

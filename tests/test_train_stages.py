@@ -15,6 +15,7 @@ import pytest
 
 from mme.config import load_config
 from mme.models import read_checkpoint
+from mme.utils import read_metrics
 
 
 @pytest.fixture
@@ -46,7 +47,9 @@ def test_four_stages_on_the_smoke_preset(workdir):
         rows = list(csv.DictReader((workdir / f"reports/plots/{stage}.csv").open()))
         assert len(rows) == getattr(cfg, stage).epochs and all(math.isfinite(float(r["loss"])) for r in rows)
     assert "val_top1" in rows[0]
-    metrics = json.loads((workdir / "reports/metrics/evaluate.json").read_text())
+    numbers = json.loads((workdir / "reports/metrics/evaluate.json").read_text())
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values())  # dvc metrics
+    metrics = read_metrics(workdir / "reports/metrics/evaluate.json")
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100 and len(metrics["confusion"]) == len(
         metrics["per_class_accuracy"])
     assert sum(map(sum, metrics["confusion"])) == metrics["num_videos"] > 0

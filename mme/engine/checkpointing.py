@@ -9,6 +9,8 @@ killed run leaves the previous checkpoint intact.
 Two guards keep a trained model from being lost or mixed up: a final checkpoint of a run that made no
 update never replaces one that holds a trained model, and a resume is refused when the config stored
 in `last.pt` differs from the current one on a key that changes what is trained (`RESUME_KEYS`).
+Without `--resume` a stage resumes by itself only from an unfinished `last.pt` written under the same
+resolved parameters (`auto_resume_refusal`: every key but the speed-only ones, the same parent run).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from mme.config import SPEED_ONLY
 from mme.engine.distributed import unwrap
 from mme.models.checkpoint import CheckpointError, read_checkpoint
 from mme.utils import atomic_path
@@ -113,6 +116,42 @@ def resume_mismatches(saved: dict[str, Any], current: dict[str, Any], stage: str
     keys = [k for k in new if k.startswith(RESUME_PREFIXES)]
     keys += [*RESUME_KEYS, *(f"{stage}.{k}" for k in RESUME_STAGE_KEYS)]
     return [(k, old[k], new[k]) for k in dict.fromkeys(keys) if k in old and k in new and old[k] != new[k]]
+
+
+def result_mismatches(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every config key but `SPEED_ONLY` that differs or that only
+    one side has (`<missing>`)."""
+    old, new, missing = _flat(saved or {}), _flat(current), "<missing>"
+    return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(old.keys() | new.keys())
+            if k not in SPEED_ONLY and old.get(k, missing) != new.get(k, missing)]
+
+
+def auto_resume_refusal(last: str | Path, config: dict[str, Any], lineage: dict[str, Any], epochs: int) -> str | None:
+    """Why `last` must not be resumed without `--resume`; None when it is an unfinished run of the same
+    resolved parameters (`result_mismatches`) descending from the same runs (`lineage`, e.g. the
+    pre-training run id). A `last.pt` of all `epochs` next to a final checkpoint of the same step is a
+    finished run: a stage re-run under the same parameters means its code or data changed, so it starts over."""
+    last = Path(last)
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # noqa: BLE001  an unreadable file is simply not resumed
+        return f"it cannot be read ({type(exc).__name__})"
+    changed = result_mismatches(state.get("config"), config)
+    if changed:
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:3])
+        return f"it was written under other parameters ({shown}{', ...' if len(changed) > 3 else ''})"
+    for key, value in lineage.items():
+        if state.get(key) != value:
+            return f"it descends from another run ({key} {state.get(key)!r}, now {value!r})"
+    final = last.with_name(FINAL)
+    if int(state.get("epoch") or 0) >= epochs and final.is_file():
+        try:
+            done = torch.load(final, map_location="cpu", weights_only=False, mmap=True).get("step")
+        except Exception:  # noqa: BLE001
+            done = None
+        if done == state.get("step"):
+            return f"it is the last epoch of the finished run in {final}"
+    return None
 
 
 def check_resume(path: str | Path, saved: dict[str, Any] | None, current: dict[str, Any], stage: str) -> None:

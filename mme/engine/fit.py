@@ -12,6 +12,7 @@ writes files or logs.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from mme.config import Config
-from mme.engine.checkpointing import FINAL, LAST, load_training_state, save_checkpoint
+from mme.engine.checkpointing import FINAL, LAST, auto_resume_refusal, load_training_state, save_checkpoint
 from mme.engine.distributed import DistEnv, wrap_ddp
 from mme.engine.loops import LossFn, set_epoch, train_one_epoch
 from mme.engine.tracking import (
@@ -33,7 +34,7 @@ from mme.engine.tracking import (
     stage_run,
 )
 from mme.paths import Paths
-from mme.utils import write_json
+from mme.utils import write_metrics
 
 # Checkpoint extras that name the pre-training run a stage descends from: also an MLflow tag and param.
 PRETRAIN_RUN_ID = "pretrain_run_id"
@@ -85,15 +86,35 @@ def single_view(cfg: Config) -> Config:
     return view
 
 
-def initial_state(cfg: Config, plan: TrainingPlan, paths: Paths, resume: bool) -> dict[str, Any]:
+def initial_state(cfg: Config, plan: TrainingPlan, paths: Paths, resume: bool | None,
+                  announce: bool = True) -> dict[str, Any]:
     """`last.pt` restored into the plan's model/optimizer/scheduler/scaler, or a fresh start.
 
-    Resuming refuses a `last.pt` written under another model or batch geometry (`load_training_state`)."""
+    Args:
+        resume: True must resume (refused for a `last.pt` of another model or batch geometry:
+            `load_training_state`); False starts fresh; None (the command line's default, so that an
+            interrupted `dvc repro` continues) resumes when `auto_resume_refusal` finds nothing against it,
+            else starts fresh and says why in one line (`announce`: on stderr).
+    """
+    last = paths.models_dir(plan.stage) / LAST
+
+    def restore() -> dict[str, Any]:
+        return load_training_state(last, model=plan.model, optimizer=plan.optimizer, scheduler=plan.scheduler,
+                                   scaler=plan.scaler, config=cfg.to_dict(), stage=plan.stage) | {"resumed": True}
+
     if resume:
-        return load_training_state(paths.models_dir(plan.stage) / LAST, model=plan.model, optimizer=plan.optimizer,
-                                   scheduler=plan.scheduler, scaler=plan.scaler, config=cfg.to_dict(),
-                                   stage=plan.stage)
-    return {"epoch": 0, "history": []} | (plan.start() if plan.start is not None else {})
+        return restore()
+    fresh = {"epoch": 0, "history": []} | (plan.start() if plan.start is not None else {})
+    if resume is None and last.is_file():
+        lineage = {k: (plan.keep | fresh).get(k) for k in (PRETRAIN_RUN_ID,) if k in plan.keep or k in plan.carry}
+        reason = auto_resume_refusal(last, cfg.to_dict(), lineage, plan.epochs)
+        state = restore() if reason is None else fresh
+        if announce:
+            print(f"mme {plan.stage}: resuming from {last} at epoch {state['epoch']} of {plan.epochs} (same "
+                  "parameters; --no-resume starts over)" if reason is None else
+                  f"mme {plan.stage}: starting fresh, not resuming from {last}: {reason}", file=sys.stderr)
+        return state
+    return fresh
 
 
 def run_tags(plan: TrainingPlan, keep: dict[str, Any], state: dict[str, Any], resume: bool) -> dict[str, Any]:
@@ -103,17 +124,19 @@ def run_tags(plan: TrainingPlan, keep: dict[str, Any], state: dict[str, Any], re
     return tags | plan.tags
 
 
-def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, resume: bool = False
+def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, resume: bool | None = False
                 ) -> dict[str, Any]:
-    """Train a stage to `plan.epochs` (from `last.pt` with `resume`); returns `finish_stage`'s metrics."""
-    state = initial_state(cfg, plan, paths, resume)
+    """Train a stage to `plan.epochs` (from `last.pt` as `initial_state` decides); returns `finish_stage`'s
+    metrics."""
+    state = initial_state(cfg, plan, paths, resume, announce=env.is_main)
     keep = plan.keep | {key: state.get(key) for key in plan.carry}
     model = wrap_ddp(plan.model, env) if plan.ddp else plan.model
     device = plan.device or env.device
     recorder = EpochRecorder(paths.plots_dir / f"{plan.stage}.csv", env.is_main, state["history"])
-    tags = run_tags(plan, keep, state, resume)
+    resumed = bool(state.get("resumed"))
+    tags = run_tags(plan, keep, state, resumed)
     with stage_run(cfg, paths.workdir, plan.stage, enabled=env.is_main, tags=tags, system_metrics=True,
-                   resume_run_id=state.get("mlflow_run_id")) as mlrun:
+                   resume_run_id=state.get("mlflow_run_id") if resumed else None) as mlrun:
         keep["mlflow_run_id"] = mlrun.info.run_id if mlrun else None
         log_params(({PRETRAIN_RUN_ID: tags[PRETRAIN_RUN_ID]} if PRETRAIN_RUN_ID in keep else {}) | plan.params)
         log_dataset_lists(cfg, paths, ("train",) if plan.validate is None else ("train", "val"))
@@ -151,6 +174,6 @@ def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows:
     final = paths.models_dir(stage) / FINAL
     if env.is_main:
         save_checkpoint(final, model=model, history=rows, stage=stage, **checkpoint)
-        write_json(paths.metrics_dir / f"{stage}.json", metrics | {"epochs": len(rows)})
+        write_metrics(paths.metrics_dir / f"{stage}.json", metrics | {"epochs": len(rows)})
         log_artifact(final, "checkpoints")
     return metrics | {"epochs": len(rows), "checkpoint": str(final)}

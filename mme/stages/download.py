@@ -15,7 +15,7 @@ from mme.data import sources, synthetic
 from mme.data.lists import relative_to_workdir, stratified_split, write_classes, write_list
 from mme.engine.tracking import log_metrics, stage_run
 from mme.paths import Paths
-from mme.utils import report_skipped, write_json
+from mme.utils import report_skipped, write_metrics
 
 SPLITS = ("train", "val", "test")
 
@@ -63,5 +63,5 @@ def run(cfg: Config, workdir: str | Path = ".", *, progress: bool = True) -> dic
         if written is not None:
             result["videos_written"] = written
         log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
-        write_json(paths.metrics_dir / "download.json", result)
+        write_metrics(paths.metrics_dir / "download.json", result)
     return result

@@ -20,7 +20,7 @@ from mme.engine.loops import make_loader, predict, topk_accuracy
 from mme.engine.tracking import log_artifact, log_metrics, log_params, stage_run
 from mme.models import classifier_from_args, load_checkpoint, model_args, read_checkpoint
 from mme.paths import Paths
-from mme.utils import atomic_path, seed_everything, write_json
+from mme.utils import atomic_path, seed_everything, write_metrics
 
 STAGE = "evaluate"
 
@@ -100,7 +100,7 @@ def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: A
             if env.is_main:
                 log_params({"pretrain_run_id": pretrain_run_id or "none"})
                 log_metrics(metrics)
-                write_json(paths.metrics_dir / f"{STAGE}.json", result)
+                write_metrics(paths.metrics_dir / f"{STAGE}.json", result, details=("per_class_accuracy",))
                 plot_confusion(confusion, names, paths.figures_dir / "confusion.png")
                 log_artifact(paths.figures_dir / "confusion.png", "figures")
                 log_artifact(paths.metrics_dir / f"{STAGE}.json", "metrics")

@@ -35,7 +35,7 @@ from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load
 from mme.motion.flow import FlowEstimator
 from mme.motion.shots import SHOT_DETECTOR, detect_cuts
 from mme.paths import Paths
-from mme.utils import report_skipped, write_json
+from mme.utils import report_skipped, write_metrics
 
 SPLITS = ("train", "val", "test")
 FLOAT32_BYTES = 4
@@ -243,7 +243,7 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
         metrics = _summary(len(videos), records, skipped, time.perf_counter() - start, settings,
                            (shard_index, shard_count), workers)
         report_skipped(paths.skipped_file, label, skipped, log=False)  # named live above
-        write_json(paths.metrics_dir / f"{label}.json", metrics)
+        write_metrics(paths.metrics_dir / f"{label}.json", metrics)
         log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if metrics["videos"] and not metrics["extracted"] + metrics["reused"]:
             raise ExtractError(f"no flow could be extracted for any of the {metrics['videos']} videos of "

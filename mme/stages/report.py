@@ -23,7 +23,7 @@ from mme.config import Config
 from mme.data.lists import read_classes
 from mme.paths import Paths
 from mme.reports import plots, tables
-from mme.utils import atomic_path, write_json, write_text_atomic
+from mme.utils import atomic_path, write_metrics, write_text_atomic
 
 STORAGE_ENV = "MME_OPTUNA_STORAGE"
 PIPELINE_STAGES = ("pretrain", "finetune", "probe", "evaluate")
@@ -42,7 +42,7 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
             f"no finished ablation trial in {redact(url)}: no table written. Run e.g. "
             f"`python experiments/ablate.py --study length --workdir {paths.workdir}` first.")
         print(f"mme report: {summary['message']}", file=sys.stderr)
-        write_json(paths.metrics_dir / "report.json", summary)
+        write_metrics(paths.metrics_dir / "report.json", summary)
         return summary
     sections = []
     for study in STUDIES.values():  # paper order
@@ -56,7 +56,7 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
         summary["trials"][study.file] = sum(t.trials_counted for t in group)
     summary["trials_total"] = sum(summary["trials"].values())
     write_text_atomic(paths.reports / "README.md", _readme(redact(url), sections))
-    write_json(paths.metrics_dir / "report.json", summary)
+    write_metrics(paths.metrics_dir / "report.json", summary)
     return summary
 
 
