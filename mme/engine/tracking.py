@@ -31,9 +31,9 @@ _DERIVED_URIS: set[str] = set()
 # which study and trial it belongs to.
 TRIAL_TAGS = ("optuna_study", "optuna_trial", "setting")
 
-# Seconds between two system-metric samples: short enough that a smoke run of a few seconds gets some,
+# Seconds between two system-metric samples: short enough that a smoke run (often under a second) gets some,
 # long enough that a multi-day run does not flood the store. MLflow's own environment variable wins.
-SYSTEM_METRICS_INTERVAL_S = {"smoke": 1.0}
+SYSTEM_METRICS_INTERVAL_S = {"smoke": 0.1}
 SYSTEM_METRICS_DEFAULT_S = 10.0
 
 _HELD: set[str] = set()  # lock files this process holds (`file_lock`)
