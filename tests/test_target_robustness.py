@@ -77,6 +77,13 @@ def test_no_valid_trajectory_crosses_the_cut_and_the_others_stay_valid(interpola
         assert torch.equal(got_valid, want_valid) and torch.equal(got, want_t)
 
 
+def test_cut_pair_flags_mark_the_pair_entering_each_cut_of_the_window():
+    assert cut_pair_flags([3, 31, 36, 50], 30, 8).nonzero().view(-1).tolist() == [0, 5]  # 3, 50: outside
+    assert not cut_pair_flags([30], 30, 8).any()  # a cut at the window's first frame: no pair of it crosses
+    assert cut_pair_flags([38], 30, 8).tolist() == [False] * 7 + [True]
+    assert cut_pair_flags(None, 30, 8) is None and not cut_pair_flags([], 0, 4).any()
+
+
 def test_span_has_cut_counts_the_pairs_of_each_span():
     cut_pairs = torch.zeros(2, 10, dtype=torch.bool)
     cut_pairs[0, 3] = cut_pairs[1, 9] = True
