@@ -215,3 +215,9 @@ def test_batched_equals_per_clip_with_cuts_fb_check_and_prune(kind, interpolate)
     # The checks did something in every clip (a broadcast of one clip's validity would not pass).
     assert all(not v.all() for v in valid)
     assert len({tuple(v.sum(-1).tolist()) for v in valid}) == len(clips)
+    # A clip without cut information batched with clips that have it: its flags read as no cut.
+    unknown = TargetInputs(clips[1].frames, clips[1].offsets, clips[1].flow, backward=clips[1].backward)
+    mixed = TargetBatch.collate([clips[0], unknown])
+    assert not mixed.cut_pairs[1].any() and mixed.cut_pairs[0].any()
+    _, mixed_valid = TARGETS[kind].build_batch(mixed, cfg)
+    assert torch.equal(mixed_valid[0], valid[0]) and torch.equal(mixed_valid[1], TARGETS[kind].build(unknown, cfg)[1])

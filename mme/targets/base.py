@@ -196,8 +196,10 @@ class TargetBatch:
         flows, pairs = zip(*(pad_flow(item.flow, longest) for item in items))
         device = items[0].flow.device
         cut_pairs = backward = None
-        if all(item.cut_pairs is not None for item in items):
-            cut_pairs = torch.stack([pad_flow(item.cut_pairs.bool(), longest)[0] for item in items])
+        if any(item.cut_pairs is not None for item in items):  # a clip without cut information: no cut pair
+            cut_pairs = torch.stack([pad_flow(item.flow.new_zeros(len(item.flow), dtype=torch.bool)
+                                              if item.cut_pairs is None else item.cut_pairs.bool(), longest)[0]
+                                     for item in items])
         if all(item.backward is not None for item in items):
             backward = torch.stack([pad_flow(item.backward, longest)[0] for item in items])
         return cls(frames, items[0].offsets, torch.stack(flows), torch.tensor(pairs, device=device), luma,
