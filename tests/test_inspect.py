@@ -64,3 +64,55 @@ def test_inspect_writes_the_documented_arrays_and_figure(tmp_path, extracted_wor
 def test_inspect_names_a_missing_video(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.mp4"):
         inspect.run(load_config("smoke"), tmp_path, "nothing.mp4", tmp_path / "x.npz")
+
+
+def test_inspect_marks_trajectories_crossing_a_cut_invalid_and_draws_them_red(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from mme.data.synthetic import make_video, write_mp4
+    from mme.motion.cache import flow_cache_path, load_flow
+    from mme.motion.shots import crosses_cut
+    from mme.stages.extract import FlowSettings, VideoJob, process_video
+    from mme.targets import TargetGeometry
+
+    cut, rel = 13, "data/raw/synthetic/cut.mp4"  # 24 frames: every clip window (17 frames) holds the cut
+    video = tmp_path / rel
+    video.parent.mkdir(parents=True)
+    write_mp4(video, np.concatenate([make_video(0, 24, 64, 2, True, seed=0)[:cut],
+                                     make_video(5, 24, 64, 2, True, seed=0)[cut:]]), 25)
+    cache = flow_cache_path(tmp_path, "synthetic", rel)
+    process_video(VideoJob(rel, video, cache), FlowSettings("dis", False, 64, backward=True))
+    assert load_flow(cache).cuts == [cut]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read what was drawn
+    cfg = load_config("smoke", ["data.avoid_cuts=false"])
+    geo = TargetGeometry.from_cfg(cfg)
+    result = inspect.run(cfg, tmp_path, rel, tmp_path / "cut.npz")
+    assert result["cuts"] == [cut] and result["flow"].startswith("cache")
+    arrays = load(tmp_path / "cut.npz")
+    import torch
+
+    crossing = crosses_cut([cut], result["start_frame"], torch.tensor(geo.slot_offsets), geo.length,
+                           geo.track_step).numpy()
+    assert crossing.any() and not crossing.all()
+    assert not arrays["valid"][crossing].any()
+    assert arrays["valid"][~crossing].mean() > 0.5
+    tokens = arrays["target_valid"].reshape(geo.slots, -1)
+    assert not tokens[crossing].any() and tokens[~crossing].any()
+    # The figure: every invalid trajectory is a dotted red line, every valid one yellow.
+    (figure,) = figures
+    rows = np.array(figure.axes).reshape(3, geo.slots)
+    for j in range(geo.slots):
+        tracks = [line for line in rows[2, j].lines if line.get_linestyle() != "None"]  # not the end dots
+        red = np.array([line.get_color() == "red" and line.get_linestyle() == ":" for line in tracks])
+        assert np.array_equal(red, ~arrays["valid"][j].reshape(-1)), j
+    assert all(rows[2, j].lines[0].get_color() == "red" for j in np.flatnonzero(crossing))
+
+    # With target.fb_check the same clip also reads the cached backward flow (an error without it): the check
+    # can only remove trajectories (on this rendered scene DIS is round-trip consistent almost everywhere).
+    checked = inspect.run(load_config("smoke", ["data.avoid_cuts=false", "target.fb_check=true"]), tmp_path, rel,
+                          tmp_path / "fb.npz")
+    assert checked["start_frame"] == result["start_frame"] and checked["fb_check"]
+    fb = load(tmp_path / "fb.npz")
+    assert np.array_equal(fb["tracks"], arrays["tracks"])
+    assert not (fb["valid"] & ~arrays["valid"]).any() and not fb["valid"][crossing].any()

@@ -155,3 +155,26 @@ def test_cpu_groups_of_clips_give_the_batch_in_one_pass(monkeypatch):
     monkeypatch.setattr(base, "CPU_GROUP_BYTES", 1)  # one clip per group
     grouped, grouped_valid = TARGETS["traj"].build_batch(TargetBatch.collate(clips), cfg)
     assert torch.equal(grouped_valid, whole_valid) and (grouped - whole).abs().max() <= TOL
+
+
+def flagged(inputs: TargetInputs) -> TargetInputs:
+    """The clip with no cut (all-False flags) and a backward window that no switch reads."""
+    if inputs.flow is None:
+        return inputs
+    return TargetInputs(inputs.frames, inputs.offsets, inputs.flow,
+                        cut_pairs=torch.zeros(len(inputs.flow), dtype=torch.bool), backward=-inputs.flow.flip(0))
+
+
+@pytest.mark.parametrize("kind", sorted(TARGETS))
+def test_goldens_hold_with_all_false_cut_flags_and_the_switches_off(kind):
+    goldens = np.load(golden_file(kind))
+    spec = TARGETS[kind]
+    for s in sorted({s for s, _ in MAKER.cases_of(kind)}):
+        cfg = MAKER.config(kind, MAKER.SETTINGS[s])
+        assert not cfg.target.fb_check and not cfg.target.prune
+        indices = [i for t, i in MAKER.cases_of(kind) if t == s]
+        batch = TargetBatch.collate([flagged(item(kind, i)) for i in indices])
+        assert (batch.cut_pairs is not None) == spec.needs_flow
+        target, valid = spec.build_batch(batch, cfg)
+        for b, i in enumerate(indices):
+            assert_same(target[b], valid[b], goldens[f"target_{s}_{i}"], goldens[f"valid_{s}_{i}"], f"{kind} {s} {i}")

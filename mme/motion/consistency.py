@@ -34,8 +34,8 @@ SUDDEN_MIN_STEP = 1.0  # px: shorter steps are flow noise, never jumps
 STATIC_MAX_DISPLACEMENT = 1.0  # px end to end over the whole trajectory: static
 
 
-def round_trip_errors(backward: torch.Tensor, tracks: torch.Tensor, start: torch.Tensor,
-                      step: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def round_trip_errors(backward: torch.Tensor, tracks: torch.Tensor, start: torch.Tensor, step: int = 1,
+                      end: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per recorded step: the forward displacement, the chained backward displacement and their sum.
 
     Args:
@@ -43,20 +43,25 @@ def round_trip_errors(backward: torch.Tensor, tracks: torch.Tensor, start: torch
         tracks: (P, L+1, 2) positions on frames start + t*step (as `track_points` returns).
         start: long (P,) start frame of every track (an index into the flow).
         step: original frames per recorded step.
+        end: long (P,) the end (exclusive) of each point's flow in `backward`, as in `track_points`; None: S.
+            Several clips' windows stacked along S give one call.
     Returns:
         forward (P, L, 2), back (P, L, 2), error (P, L, 2) = forward + back. Steps that would read past
-        the end of the flow use the last pair (their trajectories are invalid anyway).
+        a point's end use its last pair (their trajectories are invalid anyway).
     """
     num_pairs, height, width = backward.shape[:3]
     points, steps = tracks.shape[0], tracks.shape[1] - 1
-    upper = torch.tensor([width - 1, height - 1], dtype=torch.float32)
-    start = torch.as_tensor(start, dtype=torch.long).reshape(-1)
+    device = backward.device
+    upper = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=device)
+    start = torch.as_tensor(start, dtype=torch.long, device=device).reshape(-1)
+    last = torch.full_like(start, num_pairs) if end is None else end.to(device, torch.long).reshape(-1)
+    last = ((last - 1).clamp(0, num_pairs - 1)).repeat_interleave(steps)
     forward = tracks[:, 1:] - tracks[:, :-1]
     # All steps at once: (P*L,) points at the step's end, walked back over its `step` frames.
     position = tracks[:, 1:].reshape(-1, 2).float()
-    end_frame = (start[:, None] + (torch.arange(steps) + 1) * step).reshape(-1)  # frame of p_{t+1}
+    end_frame = (start[:, None] + (torch.arange(steps, device=device) + 1) * step).reshape(-1)  # frame of p_{t+1}
     for u in range(1, step + 1):
-        pair = (end_frame - u).clamp(0, num_pairs - 1)  # backward pair k maps frame k+1 -> k
+        pair = torch.minimum((end_frame - u).clamp(min=0), last)  # backward pair k maps frame k+1 -> k
         position = position + sample_flow(backward.float(), pair, position)
         position = torch.minimum(position.clamp(min=0), upper)
     back = position.view(points, steps, 2) - tracks[:, 1:]
@@ -64,16 +69,18 @@ def round_trip_errors(backward: torch.Tensor, tracks: torch.Tensor, start: torch
 
 
 def fb_consistent_steps(backward: torch.Tensor, tracks: torch.Tensor, start: torch.Tensor,
-                        step: int = 1) -> torch.Tensor:
+                        step: int = 1, end: torch.Tensor | None = None) -> torch.Tensor:
     """bool (P, L): whether each recorded step passes the forward-backward test (module docstring)."""
-    forward, back, error = round_trip_errors(backward, tracks, start, step)
+    forward, back, error = round_trip_errors(backward, tracks, start, step, end)
     tolerance = FB_RELATIVE * (forward.pow(2).sum(-1) + back.pow(2).sum(-1)) + FB_ABSOLUTE
     return error.pow(2).sum(-1) <= tolerance
 
 
-def fb_valid(backward: torch.Tensor, tracks: torch.Tensor, start: torch.Tensor, step: int = 1) -> torch.Tensor:
-    """bool (P,): True where every step of the trajectory is forward-backward consistent."""
-    return fb_consistent_steps(backward, tracks, start, step).all(1)
+def fb_valid(backward: torch.Tensor, tracks: torch.Tensor, start: torch.Tensor, step: int = 1,
+             end: torch.Tensor | None = None) -> torch.Tensor:
+    """bool (P,): True where every step of the trajectory is forward-backward consistent (`end`: as in
+    `round_trip_errors`)."""
+    return fb_consistent_steps(backward, tracks, start, step, end).all(1)
 
 
 def prune_valid(tracks: torch.Tensor, static: bool = False) -> torch.Tensor:
@@ -83,7 +90,7 @@ def prune_valid(tracks: torch.Tensor, static: bool = False) -> torch.Tensor:
     length and than SUDDEN_MIN_STEP px. Static: |p_L - p_0| < STATIC_MAX_DISPLACEMENT px.
     """
     lengths = (tracks[:, 1:] - tracks[:, :-1]).norm(dim=-1)  # (P, L)
-    valid = torch.ones(len(tracks), dtype=torch.bool)
+    valid = torch.ones(len(tracks), dtype=torch.bool, device=tracks.device)
     if lengths.shape[1] >= 2:  # a single step is the whole path: no jump to tell apart
         longest = lengths.max(1).values
         valid &= ~((longest > SUDDEN_FRACTION * lengths.sum(1)) & (longest > SUDDEN_MIN_STEP))

@@ -159,6 +159,17 @@ def crosses_cut(cuts: Sequence[int] | torch.Tensor, i0: int, start: torch.Tensor
     return torch.searchsorted(cuts, last, right=True) > torch.searchsorted(cuts, first, right=True)
 
 
+def cut_pair_flags(cuts: Sequence[int] | None, i0: int, pairs: int) -> torch.Tensor | None:
+    """bool (pairs,): True where flow pair i of a window starting at video frame `i0` (frame i0+i -> i0+i+1)
+    spans a cut, i.e. `i0 + i + 1` is a cut index; None when the cuts are unknown (None)."""
+    if cuts is None:
+        return None
+    flags = torch.zeros(max(int(pairs), 0), dtype=torch.bool)
+    inside = [int(c) - int(i0) - 1 for c in cuts if 0 <= int(c) - int(i0) - 1 < len(flags)]
+    flags[inside] = True
+    return flags
+
+
 def cut_free_starts(cuts: Sequence[int], num_frames: int, window: int) -> np.ndarray:
     """Clip starts `i0` in [0, num_frames - window] whose frames i0 .. i0+window-1 hold no cut.
 

@@ -48,6 +48,7 @@ REFERENCE_SETTING = {
     "content": "Traj", "interpolation": "Traj interp", "length": "L=6", "norm": "w/ patch norm",
     "density": "Dense", "stride": "s=3", "masking": "70% tube", "decoder": "Joint depth 1",
     "shuffle": "MME raw video", "probe": "MME (traj)",
+    "robustness": "default",
 }
 
 

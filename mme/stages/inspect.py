@@ -5,10 +5,16 @@ epoch 0, index 0 of `seed`): start, crop/flip, flow window (from the flow cache 
 else computed here with `flow.backend` on the clip's frames), targets of `target.kind`, mask. The
 trajectories of the MME tracker are always computed too, for the arrays and the figure.
 
+Real footage: the cache's shot cuts become the clip's `cut_pairs` and, with `target.fb_check`, its backward
+flow window (augmented like the forward one) the clip's `backward`, so trajectories crossing a cut or
+failing the forward-backward check come out invalid exactly as in training. Computed flow has no cut
+information (the detector needs the whole video): its cuts are reported as unknown.
+
 Writes FILE.npz with `frames` uint8 (T, H, W, 3) input clip; `tracks` float32
 (T/2, H/16, W/16, K, L+1, 2) tracked (x, y) in clip pixels; `valid` bool (T/2, H/16, W/16, K); `targets`
 float32 (tokens, D); plus `mask` bool (tokens,) and `target_valid` bool (tokens, D). And a figure like the
-paper's Fig. 4 (input frames, masked patches, trajectories) at reports/figures/trajectories.png.
+paper's Fig. 4 (input frames, masked patches, trajectories; invalid ones dotted red) at
+reports/figures/trajectories.png.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import numpy as np
 import torch
 
 from mme.data.lists import resolve_video
-from mme.data.video import read_frames, video_info
+from mme.data.transforms import crop_flow
+from mme.data.video import read_frames, resized_shape, video_info
 from mme.datasets import item_rng, load_clip, pretrain_item
-from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.motion.cache import FlowCache, cache_problem, expected_meta, flow_cache_path, load_flow
 from mme.motion.flow import compute_flow
+from mme.motion.shots import cut_pair_flags
+from mme.motion.tracking import resize_flow
 from mme.paths import Paths
 from mme.targets import PartValue, TargetGeometry, TargetInputs, TargetSpec, get_target, track_tokens
 from mme.utils import atomic_path
@@ -54,17 +63,40 @@ class _Needs(TargetSpec):
 
 
 def _flow_source(cfg, workdir: Path, video: Path, rel: str):
-    """(reader of flow pairs [a, b), where it comes from): the cache when valid, else computed now."""
-    cache = flow_cache_path(workdir, cfg.data.dataset, rel)
-    expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
-    if cache_problem(cache, expected, deep=False) is None:
-        return load_flow(cache).window, f"cache {cache}"
+    """(reader of flow pairs [a, b) with a `backward` switch, the cache or None, where the flow comes from):
+    the cache when valid (with backward flow when `target.fb_check` needs it), else computed now."""
+    path = flow_cache_path(workdir, cfg.data.dataset, rel)
+    expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side,
+                             backward=cfg.target.fb_check)
+    if cache_problem(path, expected, deep=False) is None:
+        cache = load_flow(path)
+        return cache.window, cache, f"cache {path}"
 
-    def compute(first: int, stop: int) -> np.ndarray:
+    def compute(first: int, stop: int, backward: bool = False) -> np.ndarray:
         frames = read_frames(video, range(first, stop + 1), short_side=cfg.data.short_side)
+        if backward:  # backward pair i maps frame i+1 to i: the forward flow of the reversed frames, reversed
+            return compute_flow(frames[::-1].copy(), cfg.flow.backend, cfg.flow.compensate_camera)[::-1].copy()
         return compute_flow(frames, cfg.flow.backend, cfg.flow.compensate_camera)
 
-    return compute, f"computed ({cfg.flow.backend})"
+    return compute, None, f"computed ({cfg.flow.backend})"
+
+
+def _add_real_footage(cfg, sample, cache: FlowCache | None, flow_window, video: Path) -> list[int] | None:
+    """Give the clip its cut flags (from the cache) and, with `target.fb_check`, its augmented backward flow
+    window, unless the item path delivered them already; returns the video's cuts (None: unknown)."""
+    inputs = sample.inputs
+    cuts = None if cache is None else cache.cuts
+    if inputs.flow is None:
+        return cuts
+    pairs = len(inputs.flow)
+    if inputs.cut_pairs is None and cuts is not None:
+        inputs.cut_pairs = cut_pair_flags(cuts, sample.start, pairs)
+    if cfg.target.fb_check and inputs.backward is None:
+        info = video_info(video)
+        height, width = resized_shape(info.height, info.width, cfg.data.short_side)
+        raw = torch.from_numpy(np.ascontiguousarray(flow_window(sample.start, sample.start + pairs, backward=True)))
+        inputs.backward = crop_flow(resize_flow(raw, height, width), sample.crop)
+    return cuts
 
 
 def run(cfg, workdir: str | Path, video: str | Path, out: str | Path, **_) -> dict:
@@ -82,10 +114,11 @@ def run(cfg, workdir: str | Path, video: str | Path, out: str | Path, **_) -> di
         rel = str(video_path.resolve())
     spec = get_target(cfg)
     geo = TargetGeometry.from_cfg(cfg)
-    flow_window, flow_from = _flow_source(cfg, paths.workdir, video_path, rel)
+    flow_window, cache, flow_from = _flow_source(cfg, paths.workdir, video_path, rel)
     rng = item_rng(cfg.seed, 0, 0)
     sample = load_clip(cfg, _Needs(spec, get_target("traj")), video_path, video_info(video_path).num_frames,
                        flow_window, rng)
+    cuts = _add_real_footage(cfg, sample, cache, flow_window, video_path)
     item = pretrain_item(cfg, spec, sample, rng)
     trajectories = track_tokens(sample.inputs, geo, with_shape=False)
     arrays = {
@@ -103,7 +136,8 @@ def run(cfg, workdir: str | Path, video: str | Path, out: str | Path, **_) -> di
     plot_trajectories(arrays, geo, figure)
     return {"out": str(out), "figure": str(figure), "video": str(video_path), "flow": flow_from,
             "kind": spec.name, "targets": list(arrays["targets"].shape),
-            "valid_trajectories": round(float(arrays["valid"].mean()), 4), "start_frame": sample.start}
+            "valid_trajectories": round(float(arrays["valid"].mean()), 4), "start_frame": sample.start,
+            "cuts": cuts, "fb_check": cfg.target.fb_check, "prune": cfg.target.prune}
 
 
 def plot_trajectories(arrays: dict[str, np.ndarray], geo: TargetGeometry, path: Path) -> None:

@@ -7,6 +7,11 @@ position features `dp_t = p_{t+1} - p_t` (L x 2) and shape features `HOG(p_t)` (
 window centred on the tracked point on the frame it is on at step t (t = 0 .. L-1). A trajectory that leaves
 the frame, or runs past the end of the video's flow, is invalid: its columns are 0 and masked out.
 
+Real footage (docs/targets.md): a trajectory whose span (flow pairs f_j .. f_j + L*step - 1, the chained
+pairs of sparse steps included) holds a shot-cut pair (`TargetBatch.cut_pairs`) is invalid, always;
+`target.fb_check` invalidates trajectories with a forward-backward inconsistent step (occlusion, read from
+`TargetBatch.backward`) and `target.prune` those with a sudden jump (`mme.motion.consistency`).
+
 `target.density` reduces the K trajectories of a token: dense keeps all (K*L*(2+9) = 264 for K=4, L=6);
 max keeps the most-moving valid one (largest path length sum_t |dp_t|, first on ties); mean averages the
 features of the valid ones. Both give L*(2+9), valid when any of the K is.
@@ -18,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mme.config import HOG_BINS
+from mme.motion.consistency import fb_valid, prune_valid
 from mme.motion.descriptors import hog_at_points
-from mme.motion.tracking import patch_grid_points, track_points
+from mme.motion.tracking import median_filter_flow, patch_grid_points, track_points
 from mme.targets.appearance import FrameHogMixin
 from mme.targets.base import PartValue, TargetBatch, TargetGeometry, TargetInputs, TargetSpec, register
 
@@ -77,6 +84,7 @@ def track_tokens(inputs: TargetInputs | TargetBatch, geo: TargetGeometry, with_s
     points = grid.repeat(batch * geo.slots, 1)
     tracks, valid = track_points(flow.reshape(-1, height, width, 2), points, start, geo.length, geo.track_step,
                                  geo.median, end=end)
+    valid &= trajectory_checks(inputs, geo, tracks, start, end).reshape(-1)
     tracks = tracks.view(batch, geo.slots, per_slot, geo.length + 1, 2)
     shape = None
     if with_shape:
@@ -84,6 +92,50 @@ def track_tokens(inputs: TargetInputs | TargetBatch, geo: TargetGeometry, with_s
                                                             HOG_BINS)
     return Trajectories(tracks.view(batch, geo.slots, hp, wp, geo.points, geo.length + 1, 2),
                         valid.view(batch, geo.slots, hp, wp, geo.points), shape)
+
+
+def span_has_cut(cut_pairs: torch.Tensor, first: torch.Tensor, span: int) -> torch.Tensor:
+    """bool (B, J): whether flow pairs `first[j] .. first[j] + span - 1` of clip b hold a cut pair.
+
+    cut_pairs bool (B, S); first long (J,) the first pair of each span. Pairs past S count as no cut (a
+    trajectory that needs them is invalid for running past the flow already).
+    """
+    pairs = cut_pairs.shape[1]
+    before = F.pad(cut_pairs.long().cumsum(1), (1, 0))  # (B, S+1): cut pairs among pairs < k
+    return before[:, (first + span).clamp(max=pairs)] > before[:, first.clamp(max=pairs)]
+
+
+def trajectory_checks(inputs: TargetBatch, geo: TargetGeometry, tracks: torch.Tensor, start: torch.Tensor,
+                      end: torch.Tensor) -> torch.Tensor:
+    """bool (B, J, Q): the real-footage validity of every tracked point (module docstring).
+
+    tracks (B*J*Q, L+1, 2) as `track_points` returns them for the stacked flow; start / end (B*J*Q,) their
+    first pair and flow end in that stack.
+    """
+    batch, device = len(inputs), inputs.device
+    valid = torch.ones(len(tracks), dtype=torch.bool, device=device)
+    if inputs.cut_pairs is not None:
+        cut_pairs = inputs.cut_pairs.to(device, torch.bool)
+        if inputs.flow is not None and cut_pairs.shape != inputs.flow.shape[:2]:
+            raise ValueError(f"TargetBatch.cut_pairs is {tuple(cut_pairs.shape)}, its flow has "
+                             f"{tuple(inputs.flow.shape[:2])} (clips, pairs); deliver one flag per flow pair")
+        first = torch.tensor(geo.slot_offsets, device=device)
+        crossing = span_has_cut(cut_pairs, first, geo.length * geo.track_step)  # (B, J)
+        valid &= ~crossing.repeat_interleave(len(tracks) // (batch * geo.slots), dim=1).reshape(-1)
+    if geo.fb_check:
+        if inputs.backward is None:
+            raise ValueError("target.fb_check needs backward flow (TargetBatch.backward); re-run `mme extract` "
+                             "with target.fb_check=true, or set target.fb_check=false")
+        if inputs.flow is not None and inputs.backward.shape != inputs.flow.shape:
+            raise ValueError(f"TargetBatch.backward is {tuple(inputs.backward.shape)}, its flow "
+                             f"{tuple(inputs.flow.shape)}; deliver the backward window of the same pairs")
+        backward = inputs.backward.reshape(-1, *inputs.backward.shape[2:]).float()
+        if geo.median and len(backward):
+            backward = median_filter_flow(backward)
+        valid &= fb_valid(backward, tracks, start, geo.track_step, end)
+    if geo.prune:
+        valid &= prune_valid(tracks)
+    return valid.view(batch, geo.slots, -1)
 
 
 def trajectory_hog(inputs: TargetBatch, geo: TargetGeometry, tracks: torch.Tensor) -> torch.Tensor:
