@@ -60,13 +60,27 @@ def _worker_init(worker_id: int) -> None:  # noqa: ARG001
     cv2.setNumThreads(1)
 
 
+def prefetch_batches(num_workers: int) -> int:
+    """DataLoader `prefetch_factor`: about two batches in flight in all (at least one per worker), so that one
+    is ready when the step ends and one is being made, without multiplying the memory by the workers."""
+    return max(1, math.ceil(2 / max(num_workers, 1)))
+
+
 def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                drop_last: bool) -> DataLoader:
-    """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`."""
+                drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`.
+
+    Workers persist across epochs when the dataset shares its epoch with them (`epoch_shared`: the epoch
+    lives in shared memory, so `set_epoch` in this process reaches the workers); memory is pinned on cuda.
+    """
     sampler = make_sampler(dataset, env, shuffle=shuffle, seed=seed, drop_last=drop_last and shuffle)
+    workers = {}
+    if num_workers > 0:
+        workers = {"persistent_workers": bool(getattr(dataset, "epoch_shared", False)),
+                   "prefetch_factor": prefetch_batches(num_workers)}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, worker_init_fn=_worker_init, pin_memory=env.device.type == "cuda",
-                      persistent_workers=False)
+                      collate_fn=collate_fn, **workers)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

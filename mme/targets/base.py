@@ -100,11 +100,16 @@ class TargetInputs:
         offsets: long (F,), sorted distinct offsets from the clip start (the input frames among them).
         flow: float32 (S, H, W, 2) augmented flow, pair i from offset i to i+1; None for kinds without flow.
             S may fall short of what the kind asked for at the end of a video.
+        cut_pairs: bool (S,), True where flow pair i spans a shot cut; None when the cut information is unknown.
+        backward: float32 (S, H, W, 2) backward flow (pair i maps offset i+1 back to i), augmented like `flow`;
+            only with `target.fb_check`, else None.
     """
 
     frames: torch.Tensor
     offsets: torch.Tensor
     flow: torch.Tensor | None = None
+    cut_pairs: torch.Tensor | None = None
+    backward: torch.Tensor | None = None
 
     def rows(self, offsets) -> torch.Tensor:
         """Positions in `frames` of the given offsets (any shape); every offset must have been decoded."""
@@ -123,7 +128,9 @@ class TargetInputs:
         """This clip as a batch of one (its flow pairs all real)."""
         flow = None if self.flow is None else self.flow.unsqueeze(0)
         pairs = None if flow is None else torch.tensor([len(self.flow)], device=self.flow.device)
-        return TargetBatch(self.frames.unsqueeze(0), self.offsets, flow, pairs)
+        cuts = None if self.cut_pairs is None else self.cut_pairs.unsqueeze(0)
+        backward = None if self.backward is None else self.backward.unsqueeze(0)
+        return TargetBatch(self.frames.unsqueeze(0), self.offsets, flow, pairs, cut_pairs=cuts, backward=backward)
 
 
 def frame_rows(decoded: torch.Tensor, offsets) -> torch.Tensor:
@@ -153,6 +160,9 @@ class TargetBatch:
             and flow descriptors that need a later pair are invalid); None: all S.
         luma: float32 (B, F, H, W), the frames' luma (`to_gray`), when delivered instead of computed here: a
             third of the frames' bytes for the kinds that read no colour.
+        cut_pairs: bool (B, S), True where flow pair i of a clip spans a shot cut (False past its real pairs and
+            for a clip whose cuts are unknown); None when no clip's cuts are known.
+        backward: float32 (B, S, H, W, 2) backward flow, zero-padded like `flow`; only with `target.fb_check`.
     """
 
     frames: torch.Tensor | None
@@ -160,6 +170,8 @@ class TargetBatch:
     flow: torch.Tensor | None = None
     flow_pairs: torch.Tensor | None = None
     luma: torch.Tensor | None = None
+    cut_pairs: torch.Tensor | None = None
+    backward: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.frames is None and self.luma is None:
@@ -175,16 +187,28 @@ class TargetBatch:
         luma = torch.stack([item.gray for item in items]) if luma_only else None
         if any(item.flow is None for item in items):
             return cls(frames, items[0].offsets, luma=luma)
-        flows, pairs = zip(*(pad_flow(item.flow, max(len(i.flow) for i in items)) for item in items))
+        length = max(len(i.flow) for i in items)
+        flows, pairs = zip(*(pad_flow(item.flow, length) for item in items))
         device = items[0].flow.device
-        return cls(frames, items[0].offsets, torch.stack(flows), torch.tensor(pairs, device=device), luma)
+        cuts = None
+        if any(item.cut_pairs is not None for item in items):
+            cuts = torch.zeros(len(items), length, dtype=torch.bool, device=device)
+            for row, item in zip(cuts, items):
+                if item.cut_pairs is not None:
+                    row[:len(item.cut_pairs)] = item.cut_pairs[:length]
+        backward = None
+        if all(item.backward is not None for item in items):
+            backward = torch.stack([pad_flow(item.backward, length)[0] for item in items])
+        return cls(frames, items[0].offsets, torch.stack(flows), torch.tensor(pairs, device=device), luma, cuts,
+                   backward)
 
     def split(self, size: int) -> list[TargetBatch]:
         """Consecutive groups of `size` clips (views)."""
         def part(x, start):
             return None if x is None else x[start:start + size]
         return [TargetBatch(part(self.frames, i), self.offsets, part(self.flow, i), part(self.flow_pairs, i),
-                            part(self.luma, i)) for i in range(0, len(self), size)]
+                            part(self.luma, i), part(self.cut_pairs, i), part(self.backward, i))
+                for i in range(0, len(self), size)]
 
     def rows(self, offsets) -> torch.Tensor:
         """Positions along dim 1 of `frames` of the given offsets (any shape), on the batch's device."""
