@@ -33,9 +33,9 @@ from mme.targets import TargetGeometry, target_parts
 from mme.utils import write_json
 
 # (targets_on, num_workers, main-process torch threads)
-PRETRAIN_SETTINGS = [("device", 1, 2), ("device", 2, 2), ("loader", 2, 2), ("loader", 2, 1), ("loader", 1, 2),
-                     ("loader", 1, 1)]
-FINETUNE_SETTINGS = [(None, 1, 2), (None, 2, 2), (None, 2, 1)]
+PRETRAIN_SETTINGS = [("device", 1, 1), ("device", 2, 1), ("loader", 2, 1), ("loader", 1, 1), ("loader", 2, 2),
+                     ("device", 1, 2)]
+FINETUNE_SETTINGS = [(None, 1, 1), (None, 2, 1), (None, 2, 2)]
 
 
 def load() -> float:
@@ -54,12 +54,17 @@ def make_set(workdir: Path, videos: int) -> dict:
 
 def stage_speed(stage: str, workdir: Path, overrides: list[str], threads: int) -> dict:
     """clips/s of each epoch of the real stage (its plots CSV), warm = mean after the first epoch."""
+    import mme.engine.loops as loops
     from mme.stages import finetune, pretrain
 
     torch.set_num_threads(threads)
+    rule, loops.main_threads = loops.main_threads, lambda *_: threads  # the setting overrides the rule
     cfg = load_config("mini", overrides)
     start, before = time.perf_counter(), load()
-    (pretrain if stage == "pretrain" else finetune).run(cfg, workdir)
+    try:
+        (pretrain if stage == "pretrain" else finetune).run(cfg, workdir)
+    finally:
+        loops.main_threads = rule
     rows = list(csv.DictReader((workdir / "reports" / "plots" / f"{stage}.csv").open()))
     speeds = [float(r["clips_per_s"]) for r in rows]
     return {"clips_per_s_epochs": [round(s, 2) for s in speeds], "clips_per_s": round(float(np.mean(speeds[1:])), 2),
@@ -92,6 +97,19 @@ def bare_finetune_step(cfg, batch: int, steps: int, classes: int) -> float:
     return _time_steps(model, lambda m: loss(m(video).float(), label), cfg.finetune, batch, steps)
 
 
+def bare_steps(steps: int) -> dict:
+    """The bare steps with 1 and with all threads; the faster is the ceiling (threads fight on a busy host)."""
+    cfg = load_config("mini")
+    out: dict = {"load_before": load()}
+    for threads in sorted({1, os.cpu_count()}):
+        torch.set_num_threads(threads)
+        out[f"pretrain_{threads}_threads"] = round(bare_pretrain_step(cfg, cfg.pretrain.batch_size, steps), 2)
+        out[f"finetune_{threads}_threads"] = round(bare_finetune_step(cfg, cfg.finetune.batch_size, steps, 12), 2)
+    for stage in ("pretrain", "finetune"):
+        out[f"{stage}_clips_per_s"] = max(v for k, v in out.items() if k.startswith(f"{stage}_") and "threads" in k)
+    return out | {"load_after": load()}
+
+
 def _time_steps(model, loss_fn, train, batch: int, steps: int) -> float:
     model.train()
     optimizer = build_optimizer(model, lr=1e-4, weight_decay=train.weight_decay)
@@ -108,9 +126,15 @@ def _time_steps(model, loss_fn, train, batch: int, steps: int) -> float:
     return batch / float(np.median(times[2:]))
 
 
-def profile_loader(workdir: Path, clips: int = 32) -> dict:
-    """ms of one thread per clip in each step of the pre-training item, and the batched targets per clip."""
+def profile_loader(workdir: Path, clips: int = 32, cached: bool = False) -> dict:
+    """ms of one thread per clip in each step of the pre-training item, and the batched targets per clip.
+
+    cached: measure a cache of decoded videos and flow reused across epochs: every video's frames (all of
+    them, at the short side) and flow (all pairs) are read once into memory (untimed), then each item slices
+    its frames and window from there (timed): what such a cache would leave of the item's time.
+    """
     import mme.datasets.clips as clips_module
+    from mme.data.video import read_clip
     from mme.datasets import PretrainDataset
     from mme.datasets.batching import build_targets, collate_inputs
     from mme.motion.cache import FlowCache
@@ -120,24 +144,43 @@ def profile_loader(workdir: Path, clips: int = 32) -> dict:
     spent: dict[str, float] = {}
     originals = {}
 
-    def timed(owner, name, label):
+    def timed(owner, name, label, replacement=None):
         original = getattr(owner, name)
         originals[(owner, name)] = original
+        call = replacement or original
 
         def wrapper(*args, **kwargs):
             start = time.thread_time()
             try:
-                return original(*args, **kwargs)
+                return call(*args, **kwargs)
             finally:
                 spent[label] = spent.get(label, 0.0) + time.thread_time() - start
         setattr(owner, name, wrapper)
 
-    for name, label in (("read_clip", "decode"), ("resize_flow", "crop"), ("crop_flow", "crop"),
-                        ("crop_frames", "crop")):
-        timed(clips_module, name, label)
-    timed(FlowCache, "window", "flow_read")
+    memory: dict = {}
+    decode = window = None
+    if cached:
+        def decode(path, indices_fn, short_side=None, num_frames=None):
+            if path not in memory:
+                memory[path] = read_clip(path, lambda n: np.arange(n), short_side)
+            info, frames = memory[path]
+            return info, frames[indices_fn(info.num_frames if num_frames is None else num_frames)]
+
+        def window(self, start, stop, backward=False):
+            key = (self.path, backward)
+            if key not in memory:
+                memory[key] = originals[(FlowCache, "window")](self, 0, self.num_pairs, backward)
+            return memory[key][start:stop].copy()
+
+    timed(clips_module, "read_clip", "decode", decode)
+    for name in ("resize_flow", "crop_flow", "crop_frames"):
+        timed(clips_module, name, "crop")
+    timed(FlowCache, "window", "flow_read", window)
     try:
         dataset = PretrainDataset(cfg, workdir, targets=False)
+        if cached:  # fill the cache untimed
+            [dataset[i % len(dataset)] for i in range(clips)]
+            spent.clear()
         start = time.thread_time()
         items = [dataset[i % len(dataset)] for i in range(clips)]
         item_total = time.thread_time() - start
@@ -154,6 +197,10 @@ def profile_loader(workdir: Path, clips: int = 32) -> dict:
     out["rest_of_item (mask, luma, pad, normalise)"] = round(out["item_total"] - sum(
         out[k] for k in ("decode", "flow_read", "crop")), 2)
     out["targets_batched_collate_included"] = round(1000 * targets / clips, 2)
+    if cached:
+        arrays = [value[1] if isinstance(value, tuple) else value for value in memory.values()]
+        videos = sum(isinstance(value, tuple) for value in memory.values())
+        out["cache_mb_per_video"] = round(sum(a.nbytes for a in arrays) / max(videos, 1) / 1e6, 2)
     return out
 
 
@@ -162,28 +209,26 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--data", type=Path, default=None, help="keep the generated set here (reused if there)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline.json"))
     args = parser.parse_args()
-    os.environ["MLFLOW_TRACKING_URI"] = "file:" + tempfile.mkdtemp(prefix="mlruns-")
     results: dict = {"cpu_count": os.cpu_count(), "load_start": load()}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        data = Path(tmp) / "data-only"
-        results["set"] = make_set(data, args.videos)
+        data = args.data or Path(tmp) / "data-only"
+        if not (data / "data" / "flow").is_dir():
+            results["set"] = make_set(data, args.videos)
         results["profile_ms_per_clip_one_thread"] = profile_loader(data)
         print("profile", results["profile_ms_per_clip_one_thread"], flush=True)
-        cfg = load_config("mini")
-        torch.set_num_threads(os.cpu_count())
-        results["bare"] = {"pretrain_clips_per_s": round(bare_pretrain_step(cfg, cfg.pretrain.batch_size,
-                                                                             args.steps), 2),
-                           "finetune_clips_per_s": round(bare_finetune_step(cfg, cfg.finetune.batch_size,
-                                                                             args.steps, 12), 2),
-                           "load": load()}
+        results["profile_with_decoded_cache"] = profile_loader(data, cached=True)
+        print("cached", results["profile_with_decoded_cache"], flush=True)
+        results["bare"] = bare_steps(args.steps)
         print("bare", results["bare"], flush=True)
         results["pretrain"], results["finetune"] = [], []
         for stage, settings in (("pretrain", PRETRAIN_SETTINGS), ("finetune", FINETUNE_SETTINGS)):
             bare = results["bare"][f"{stage}_clips_per_s"]
             for where, workers, threads in settings:
                 run_dir = Path(tmp) / f"{stage}-{where}-{workers}-{threads}"
+                run_dir.mkdir()
                 (run_dir / "data").symlink_to(data / "data")
                 if stage == "finetune":  # the first pre-training run's checkpoint initialises every fine-tuning
                     first = Path(tmp) / "pretrain-{}-{}-{}".format(*PRETRAIN_SETTINGS[0])

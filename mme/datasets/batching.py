@@ -26,7 +26,7 @@ from mme.targets import TargetBatch, TargetGeometry, TargetSpec
 
 # The keys of an inputs item besides `video` and `mask` (absent keys: not delivered).
 INPUT_KEYS = ("frames", "luma", "flow", "flow_pairs", "cut_pairs", "backward")
-CPU_TARGETS_ON = "loader"  # measured: benchmarks/results/pipeline.json
+CPU_TARGETS_ON = "device"  # measured winner on 2 cores: benchmarks/results/pipeline.json
 
 
 def targets_on(cfg, device: torch.device) -> str:

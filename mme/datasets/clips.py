@@ -1,10 +1,13 @@
 """The two datasets: pre-training clips with their motion targets, and labelled clips for classification.
 
 `PretrainDataset` item (docs/architecture.md): a random start such that the clip and the dense frames its
-targets read fit the video; one decode of the input frames and those dense frames; the flow window from the
-cache; one random resized crop (+ flip where the labels allow it) applied to frames AND flow; the targets of
-`target.kind` built from those augmented frames and flow; the mask; optionally the input frames shuffled
-(`data.shuffle_frames`, the paper's Fig. 3: only the input order is shuffled, targets come from the real video).
+targets read fit the video (with `data.avoid_cuts`, among the windows without a shot cut when the flow cache
+knows the cuts); one open and decode of the video for the input frames and those dense frames; the flow window
+from the cache (and the backward one with `target.fb_check`); one random resized crop (+ flip where the labels
+allow it) applied to frames AND flow; the targets of `target.kind` built from those augmented frames and flow
+(or, with `targets=False`, what they are built from, for one build per batch: `mme.datasets.batching`); the
+mask; optionally the input frames shuffled (`data.shuffle_frames`, the paper's Fig. 3: only the input order is
+shuffled, targets come from the real video).
 
 Randomness: every item draws from `np.random.default_rng([seed, epoch, index])` (start, crop, flip, mask,
 shuffle, in that order), so an item depends only on (seed, epoch, index): a resumed run, another worker
