@@ -37,6 +37,7 @@ Density = Literal["dense", "max", "mean"]
 MaskKind = Literal["tube", "cube", "random"]
 DecoderMode = Literal["joint", "separate"]
 Amp = Literal["bf16", "fp16", "off"]
+TargetsOn = Literal["auto", "device", "loader"]
 
 
 # Paper constants (Sun et al., CVPR 2023, section 4 and Table 7 defaults).
@@ -79,6 +80,9 @@ class DataConfig:
     test_fraction: float = 0.15
     num_workers: int = 2
     avoid_cuts: bool = True  # prefer training clips whose window holds no shot cut (mme/motion/shots.py)
+    # Where the pre-training targets of a batch are built (mme/datasets/batching.py): in the training step on
+    # its device, or in the loader's workers; auto = device on cuda, the measured CPU winner on CPU.
+    targets_on: TargetsOn = "auto"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

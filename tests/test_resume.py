@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import mme.datasets.batching  # noqa: F401  (the stage imports it while the fake `mme.datasets` is in place)
 import mme.targets
 from mme.config import load_config
 from mme.engine import fit
@@ -30,7 +31,7 @@ class MemoryPretrainSet(torch.utils.data.Dataset):
     num_classes = 3
     nan_epoch = -1  # targets become NaN in this epoch (the NaN-guard test)
 
-    def __init__(self, cfg, workdir, split="train", size=8):  # noqa: ARG002
+    def __init__(self, cfg, workdir, split="train", size=8, targets=True):  # noqa: ARG002
         self.cfg, self.epoch = cfg, 0
         g = torch.Generator().manual_seed(1)
         frames, side = cfg.data.num_frames, cfg.data.input_size

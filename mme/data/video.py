@@ -14,8 +14,10 @@ can read raises `VideoError` naming the file.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -105,6 +107,18 @@ def _opencv_info(path: Path) -> VideoInfo:
     return VideoInfo(count, fps, int(shape[0]), int(shape[1]))
 
 
+def _reader_info(reader, path: Path) -> VideoInfo:
+    """`video_info` of an open decord reader (the count verified by decoding the last frame)."""
+    reported = len(reader)
+    fps = float(reader.get_avg_fps() or 0.0)
+    for last in range(reported - 1, max(reported - 1 - MAX_END_PROBE, -1), -1):
+        frame = _decord_batch(reader, [last])
+        if frame is not None:
+            return VideoInfo(last + 1, fps, int(frame.shape[1]), int(frame.shape[2]))
+    info = _opencv_info(path)  # decord's count is unusable: count by decoding
+    return VideoInfo(info.num_frames, fps or info.fps, info.height, info.width)
+
+
 def video_info(path: str | Path) -> VideoInfo:
     """Frame count, fps and size of a video; the count is verified by decoding the last frame.
 
@@ -116,14 +130,7 @@ def video_info(path: str | Path) -> VideoInfo:
     reader = _open_decord(path)
     if reader is None:
         return _opencv_info(path)
-    reported = len(reader)
-    fps = float(reader.get_avg_fps() or 0.0)
-    for last in range(reported - 1, max(reported - 1 - MAX_END_PROBE, -1), -1):
-        frame = _decord_batch(reader, [last])
-        if frame is not None:
-            return VideoInfo(last + 1, fps, int(frame.shape[1]), int(frame.shape[2]))
-    info = _opencv_info(path)  # decord's count is unusable: count by decoding
-    return VideoInfo(info.num_frames, fps or info.fps, info.height, info.width)
+    return _reader_info(reader, path)
 
 
 def _opencv_frames(path: Path, indices: list[int]) -> np.ndarray:
@@ -158,6 +165,28 @@ def _resize(frames: np.ndarray, short_side: int | None) -> np.ndarray:
     return np.stack([cv2.resize(f, (out_w, out_h), interpolation=cv2.INTER_AREA) for f in frames])
 
 
+def _checked_indices(path: Path, indices) -> list[int]:
+    index_list = [int(i) for i in np.asarray(indices).reshape(-1)]
+    if not index_list:
+        raise VideoError(f"no frame indices requested from {path}")
+    if min(index_list) < 0:
+        raise VideoError(f"negative frame index {min(index_list)} requested from {path}")
+    return index_list
+
+
+def _read_with(reader, path: Path, index_list: list[int]) -> np.ndarray:
+    """The frames (at the file's size) from an open decord reader (None: OpenCV)."""
+    frames = None
+    if reader is not None:
+        if max(index_list) >= len(reader):
+            raise VideoError(f"frame {max(index_list)} requested from {path}, which has {len(reader)} frames "
+                             "(clamp the indices with mme.data.sampling.clip_indices)")
+        frames = _decord_batch(reader, index_list)
+    if frames is None:
+        frames = _opencv_frames(path, index_list)
+    return np.ascontiguousarray(frames)
+
+
 def read_frames(path: str | Path, indices, short_side: int | None = None) -> np.ndarray:
     """Decode exactly the frames `indices` (any order, repeats allowed) of a video.
 
@@ -171,23 +200,32 @@ def read_frames(path: str | Path, indices, short_side: int | None = None) -> np.
         VideoError: the file cannot be read, or an index is out of range.
     """
     path = Path(path)
-    index_list = [int(i) for i in np.asarray(indices).reshape(-1)]
-    if not index_list:
-        raise VideoError(f"no frame indices requested from {path}")
-    if min(index_list) < 0:
-        raise VideoError(f"negative frame index {min(index_list)} requested from {path}")
+    index_list = _checked_indices(path, indices)
+    _check_file(path)
+    return _resize(_read_with(_open_decord(path), path, index_list), short_side)
+
+
+def read_clip(path: str | Path, indices_fn: Callable[[int], Any], short_side: int | None = None,
+              num_frames: int | None = None) -> tuple[VideoInfo, np.ndarray]:
+    """Open a video once: its `video_info` and the frames `indices_fn(info.num_frames)` (as `read_frames`).
+
+    What a dataset item needs when the frame count decides which frames to take. `num_frames`: the count
+    when the caller already knows it (verified before, e.g. by an earlier item), which skips the probe of
+    the last frame; fps and size are then those decord reports.
+    """
+    path = Path(path)
     _check_file(path)
     reader = _open_decord(path)
-    frames = None
-    if reader is not None:
-        if max(index_list) >= len(reader):
-            raise VideoError(f"frame {max(index_list)} requested from {path}, which has {len(reader)} frames "
-                             "(clamp the indices with mme.data.sampling.clip_indices)")
-        frames = _decord_batch(reader, index_list)
-        del reader
-    if frames is None:
-        frames = _opencv_frames(path, index_list)
-    return _resize(np.ascontiguousarray(frames), short_side)
+    if num_frames is not None:
+        count = num_frames
+    else:
+        info = _opencv_info(path) if reader is None else _reader_info(reader, path)
+        count = info.num_frames
+    frames = _read_with(reader, path, _checked_indices(path, indices_fn(count)))
+    if num_frames is not None:
+        fps = float(reader.get_avg_fps() or 0.0) if reader is not None else 0.0
+        info = VideoInfo(count, fps, int(frames.shape[1]), int(frames.shape[2]))
+    return info, _resize(frames, short_side)
 
 
 def probe_video(path: str | Path) -> VideoInfo:

@@ -1,10 +1,13 @@
 """The two datasets: pre-training clips with their motion targets, and labelled clips for classification.
 
 `PretrainDataset` item (docs/architecture.md): a random start such that the clip and the dense frames its
-targets read fit the video; one decode of the input frames and those dense frames; the flow window from the
-cache; one random resized crop (+ flip where the labels allow it) applied to frames AND flow; the targets of
-`target.kind` built from those augmented frames and flow; the mask; optionally the input frames shuffled
-(`data.shuffle_frames`, the paper's Fig. 3: only the input order is shuffled, targets come from the real video).
+targets read fit the video (with `data.avoid_cuts`, among the windows without a shot cut when the flow cache
+knows the cuts); one open and decode of the video for the input frames and those dense frames; the flow window
+from the cache (and the backward one with `target.fb_check`); one random resized crop (+ flip where the labels
+allow it) applied to frames AND flow; the targets of `target.kind` built from those augmented frames and flow
+(or, with `targets=False`, what they are built from, for one build per batch: `mme.datasets.batching`); the
+mask; optionally the input frames shuffled (`data.shuffle_frames`, the paper's Fig. 3: only the input order is
+shuffled, targets come from the real video).
 
 Randomness: every item draws from `np.random.default_rng([seed, epoch, index])` (start, crop, flip, mask,
 shuffle, in that order), so an item depends only on (seed, epoch, index): a resumed run, another worker
@@ -34,11 +37,12 @@ from mme.data.sampling import (
     train_clip_start,
 )
 from mme.data.transforms import CropParams, crop_flow, crop_frames, flip_allowed, normalize, sample_crop, spatial_crops
-from mme.data.video import read_frames, video_info
-from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.data.video import read_clip
+from mme.motion.cache import FlowCache, cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.motion.shots import cut_free_starts
 from mme.motion.tracking import resize_flow
 from mme.paths import Paths
-from mme.targets import TargetGeometry, TargetInputs, TargetSpec, get_target
+from mme.targets import TargetGeometry, TargetInputs, TargetSpec, get_target, pad_flow
 
 FLIP_PROB = 0.5  # horizontal flip probability where flips are allowed
 
@@ -58,6 +62,23 @@ def flip_prob(cfg) -> float:
     return FLIP_PROB if flip_allowed(cfg) else 0.0
 
 
+class SharedEpoch:
+    """The epoch of a dataset, in shared memory: `set_epoch` in the main process reaches persistent loader
+    workers (which hold their own copy of the dataset), so the workers live across epochs."""
+
+    epoch_shared = True
+
+    def _init_epoch(self) -> None:
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+
 @dataclass
 class ClipSample:
     """One decoded, augmented clip with everything its targets read (see `load_clip`)."""
@@ -66,6 +87,7 @@ class ClipSample:
     input_rows: torch.Tensor  # rows of inputs.frames that are the T input frames, in order
     start: int
     crop: CropParams
+    num_video_frames: int
 
     @property
     def clip(self) -> torch.Tensor:
@@ -73,44 +95,102 @@ class ClipSample:
         return self.inputs.frames[self.input_rows]
 
 
-def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int, flow_window: FlowWindow | None,
-              rng: np.random.Generator) -> ClipSample:
+def clip_start(num_video_frames: int, span: int, cuts: list[int] | None, rng: np.random.Generator) -> int:
+    """A training start (`train_clip_start`), among the cut-free windows of `span` frames when `cuts` has any
+    (`cut_free_starts`); any start when every window holds a cut (the crossing trajectories are masked)."""
+    if cuts and num_video_frames > span:
+        starts = cut_free_starts(cuts, num_video_frames, span)
+        if len(starts):
+            return int(starts[rng.integers(0, len(starts))])
+    return train_clip_start(num_video_frames, span, rng)
+
+
+def cut_pair_flags(cuts: list[int] | None, start: int, pairs: int) -> torch.Tensor | None:
+    """bool (pairs,): True at pair i when a cut at video frame c has c - 1 - start == i; None: cuts unknown."""
+    if cuts is None:
+        return None
+    flags = torch.zeros(pairs, dtype=torch.bool)
+    for c in cuts:
+        if 0 <= c - 1 - start < pairs:
+            flags[c - 1 - start] = True
+    return flags
+
+
+def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, flow_window: FlowWindow | None,
+              rng: np.random.Generator, cuts: list[int] | None = None,
+              backward_window: FlowWindow | None = None) -> ClipSample:
     """Sample a start and a crop, decode the clip + the dense frames the target reads, augment frames and flow.
 
     Args:
-        cfg: resolved config; spec: the target kind; video: the file; num_video_frames: its frame count.
+        cfg: resolved config; spec: the target kind; video: the file; num_video_frames: its frame count
+            (None: counted while the file is open for the frames, `read_clip`).
         flow_window: reads flow pairs [a, b) of the video in the decoded frames' resolution or any other
             (resized to the frames); None for kinds without flow.
+        cuts: the video's shot cuts (`FlowCache.cuts`), None when unknown: `cut_pairs` of the inputs, and with
+            `data.avoid_cuts` the start is drawn among the cut-free windows.
+        backward_window: the backward flow reader (`target.fb_check`), augmented exactly like the flow.
     """
     geo = TargetGeometry.from_cfg(cfg)
     base_span = clip_span(geo.num_frames, geo.stride)
     span = clip_span(geo.num_frames, geo.stride, extra=max(0, spec.window(geo) - base_span))
-    start = train_clip_start(num_video_frames, span, rng)
     offsets = sorted(set(geo.input_offsets) | spec.frame_offsets(geo))
-    indices = np.clip(start + np.asarray(offsets), 0, num_video_frames - 1)
-    frames = read_frames(video, indices, short_side=cfg.data.short_side)
+    drawn: dict[str, int] = {}
+
+    def indices(count: int) -> np.ndarray:
+        drawn["start"], drawn["count"] = clip_start(count, span, cuts if cfg.data.avoid_cuts else None, rng), count
+        return np.clip(drawn["start"] + np.asarray(offsets), 0, count - 1)
+
+    _, frames = read_clip(video, indices, short_side=cfg.data.short_side, num_frames=num_video_frames)
+    start, count = drawn["start"], drawn["count"]
     height, width = frames.shape[1:3]
     crop = sample_crop(height, width, cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg), rng=rng)
-    flow = None
+    flow = cut_pairs = backward = None
     if flow_window is not None and spec.needs_flow:
-        stop = min(start + spec.flow_pairs(geo), num_video_frames - 1)
-        raw = torch.from_numpy(np.ascontiguousarray(flow_window(start, max(stop, start))))
-        flow = crop_flow(resize_flow(raw, height, width), crop)
+        stop = max(min(start + spec.flow_pairs(geo), count - 1), start)
+
+        def augmented(window: FlowWindow) -> torch.Tensor:
+            raw = torch.from_numpy(np.ascontiguousarray(window(start, stop)))
+            return crop_flow(resize_flow(raw, height, width), crop)
+
+        flow = augmented(flow_window)
+        cut_pairs = cut_pair_flags(cuts, start, len(flow))
+        backward = augmented(backward_window) if backward_window is not None else None
     offsets_t = torch.tensor(offsets, dtype=torch.long)
-    inputs = TargetInputs(crop_frames(frames, crop), offsets_t, flow)
-    return ClipSample(inputs, inputs.rows(geo.input_offsets), start, crop)
+    inputs = TargetInputs(crop_frames(frames, crop), offsets_t, flow, cut_pairs, backward)
+    return ClipSample(inputs, inputs.rows(geo.input_offsets), start, crop, count)
+
+
+def _video_and_mask(cfg, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The normalised input clip and the mask (drawn after the crop; the shuffle last)."""
+    mask = make_mask(cfg.mask.kind, cfg.mask.ratio, TargetGeometry.from_cfg(cfg).grid, rng)
+    clip = sample.clip
+    if cfg.data.shuffle_frames:
+        clip = clip[torch.from_numpy(rng.permutation(len(clip)))]
+    return {"video": normalize(clip), "mask": torch.from_numpy(mask)}
 
 
 def pretrain_item(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """video (3,T,H,W) normalised, mask (N,) bool, target (N,D) float32, target_valid (N,D) bool."""
-    geo = TargetGeometry.from_cfg(cfg)
     target, target_valid = spec.build(sample.inputs, cfg)
-    mask = make_mask(cfg.mask.kind, cfg.mask.ratio, geo.grid, rng)
-    clip = sample.clip
-    if cfg.data.shuffle_frames:
-        clip = clip[torch.from_numpy(rng.permutation(len(clip)))]
-    return {"video": normalize(clip), "mask": torch.from_numpy(mask), "target": target,
-            "target_valid": target_valid}
+    return _video_and_mask(cfg, sample, rng) | {"target": target, "target_valid": target_valid}
+
+
+def pretrain_inputs(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """What the batch's targets are built from (`mme.datasets.batching`): video, mask, `luma` (F,H,W) for
+    kinds without colour or `frames` (F,H,W,3), and for flow kinds `flow` (P,H,W,2) zero-padded to the kind's
+    `flow_pairs` P, its real pairs `flow_pairs`, `cut_pairs` (P,) when the cuts are known, `backward`."""
+    inputs = sample.inputs
+    item = _video_and_mask(cfg, sample, rng)
+    item |= {"frames": inputs.frames} if spec.needs_rgb else {"luma": inputs.gray}
+    if inputs.flow is not None:
+        pairs = spec.flow_pairs(TargetGeometry.from_cfg(cfg))
+        item["flow"], real = pad_flow(inputs.flow, pairs)
+        item["flow_pairs"] = torch.tensor(real)
+        if inputs.cut_pairs is not None:
+            item["cut_pairs"] = torch.cat([inputs.cut_pairs, torch.zeros(pairs - real, dtype=torch.bool)])
+        if inputs.backward is not None:
+            item["backward"] = pad_flow(inputs.backward, pairs)[0]
+    return item
 
 
 def _num_classes(lists_dir: Path, rows: list[tuple[str, int]]) -> int:
@@ -120,22 +200,31 @@ def _num_classes(lists_dir: Path, rows: list[tuple[str, int]]) -> int:
         return max((label for _, label in rows), default=-1) + 1
 
 
-class PretrainDataset(Dataset):
+class PretrainDataset(SharedEpoch, Dataset):
     """Pre-training clips of one split with their targets (docs/interfaces.md); `.skipped` lists dropped videos
-    as (video, reason), which the stage names, lists and counts (`mme.utils.report_skipped`)."""
+    as (video, reason), which the stage names, lists and counts (`mme.utils.report_skipped`).
 
-    def __init__(self, cfg, workdir: str | Path, split: str = "train"):
+    targets=False: items carry what the targets are built from instead (`pretrain_inputs`); the batch's
+    targets are then built at once by `mme.datasets.batching.build_targets` (the training stage's path).
+    A worker keeps the flow caches' metadata and the frame counts it has read (they do not change).
+    """
+
+    def __init__(self, cfg, workdir: str | Path, split: str = "train", targets: bool = True):
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.spec = get_target(cfg)
-        self.epoch = 0
+        self.targets = targets
+        self._init_epoch()
         paths = Paths(workdir)
         dataset = cfg.data.dataset
         rows = read_list(paths.list_file(dataset, split))
         self.num_classes = _num_classes(paths.lists_dir(dataset), rows)
         self.skipped: list[tuple[str, str]] = []
         self.items: list[tuple[str, int, Path | None]] = []
-        expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
+        self._caches: dict[Path, FlowCache] = {}
+        self._counts: dict[str, int] = {}
+        expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side,
+                                 backward=self.fb_check)
         for rel, label in rows:
             cache = None
             if self.spec.needs_flow:
@@ -148,27 +237,39 @@ class PretrainDataset(Dataset):
         if not self.items:
             raise FileNotFoundError(
                 f"no video of {paths.list_file(dataset, split)} has a valid flow cache for target.kind="
-                f"{cfg.target.kind} under {paths.flow_dir(dataset)} (backend {cfg.flow.backend}); "
+                f"{cfg.target.kind} under {paths.flow_dir(dataset)} (backend {cfg.flow.backend}"
+                f"{', with backward flow for target.fb_check' if self.fb_check else ''}); "
                 f"run `mme extract --dataset {dataset}` first")
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    @property
+    def fb_check(self) -> bool:
+        return bool(self.spec.needs_flow and self.cfg.target.fb_check)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def flow_cache(self, path: Path) -> FlowCache:
+        if path not in self._caches:
+            self._caches[path] = load_flow(path)
+        return self._caches[path]
 
     def load(self, index: int, rng: np.random.Generator) -> ClipSample:
         """The decoded, augmented clip of item `index` (for `__getitem__` and inspection)."""
         rel, _, cache_path = self.items[index]
         video = resolve_video(self.workdir, rel)
         if cache_path is not None:
-            cache = load_flow(cache_path)
-            return load_clip(self.cfg, self.spec, video, cache.num_pairs + 1, cache.window, rng)
-        return load_clip(self.cfg, self.spec, video, video_info(video).num_frames, None, rng)
+            cache = self.flow_cache(cache_path)
+            backward = (lambda a, b: cache.window(a, b, backward=True)) if self.fb_check else None
+            return load_clip(self.cfg, self.spec, video, cache.num_pairs + 1, cache.window, rng, cuts=cache.cuts,
+                             backward_window=backward)
+        sample = load_clip(self.cfg, self.spec, video, self._counts.get(rel), None, rng)
+        self._counts[rel] = sample.num_video_frames
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = item_rng(self.cfg.seed, self.epoch, index)
-        return pretrain_item(self.cfg, self.spec, self.load(index, rng), rng)
+        build = pretrain_item if self.targets else pretrain_inputs
+        return build(self.cfg, self.spec, self.load(index, rng), rng)
 
 
 def _dense_train(cfg, num_video_frames: int, rng: np.random.Generator) -> np.ndarray:
@@ -199,7 +300,7 @@ TRAIN_SAMPLING = {"dense": _dense_train, "segment": _segment_train}
 TEST_SAMPLING = {"dense": _dense_test, "segment": _segment_test}
 
 
-class VideoClsDataset(Dataset):
+class VideoClsDataset(SharedEpoch, Dataset):
     """Labelled clips: `mode="train"` one random clip/crop; `mode="test"` num_clips x num_crops views (V,3,T,H,W).
 
     In train mode with `finetune.token_drop > 0` an item also has `mask` (N,) bool, True = token dropped:
@@ -213,16 +314,14 @@ class VideoClsDataset(Dataset):
         self.cfg = cfg
         self.workdir = Path(workdir)
         self.mode = mode
-        self.epoch = 0
+        self._init_epoch()
         paths = Paths(workdir)
         self.items = read_list(paths.list_file(cfg.data.dataset, split))
         if not self.items:
             raise FileNotFoundError(f"video list {paths.list_file(cfg.data.dataset, split)} is empty; "
                                     f"run `mme download --dataset {cfg.data.dataset}`")
         self.num_classes = _num_classes(paths.lists_dir(cfg.data.dataset), self.items)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._counts: dict[str, int] = {}  # verified frame counts this process has read
 
     def __len__(self) -> int:
         return len(self.items)
@@ -230,12 +329,12 @@ class VideoClsDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rel, label = self.items[index]
         video = resolve_video(self.workdir, rel)
-        num_video_frames = video_info(video).num_frames
         cfg = self.cfg
         if self.mode == "train":
             rng = item_rng(cfg.seed, self.epoch, index)
-            indices = TRAIN_SAMPLING[cfg.data.sampling](cfg, num_video_frames, rng)
-            frames = read_frames(video, indices, short_side=cfg.data.short_side)
+            info, frames = read_clip(video, lambda count: TRAIN_SAMPLING[cfg.data.sampling](cfg, count, rng),
+                                     short_side=cfg.data.short_side, num_frames=self._counts.get(rel))
+            self._counts[rel] = info.num_frames
             crop = sample_crop(*frames.shape[1:3], cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg),
                                rng=rng)
             clip = normalize(crop_frames(frames, crop))
@@ -243,10 +342,16 @@ class VideoClsDataset(Dataset):
                 mask = make_mask("tube", cfg.finetune.token_drop, TargetGeometry.from_cfg(cfg).grid, rng)
                 return {"video": clip, "label": int(label), "index": int(index), "mask": torch.from_numpy(mask)}
         else:
+            clips: list[np.ndarray] = []
+
+            def indices(count: int) -> np.ndarray:  # every test clip's frames in one read
+                clips.extend(TEST_SAMPLING[cfg.data.sampling](cfg, count, index))
+                return np.concatenate(clips)
+
+            _, frames = read_clip(video, indices, short_side=cfg.data.short_side, num_frames=self._counts.get(rel))
             views = []
-            for indices in TEST_SAMPLING[cfg.data.sampling](cfg, num_video_frames, index):
-                frames = read_frames(video, indices, short_side=cfg.data.short_side)
-                for crop in spatial_crops(*frames.shape[1:3], cfg.data.input_size, cfg.evaluate.num_crops):
-                    views.append(normalize(crop_frames(frames, crop)))
+            for part in np.split(frames, np.cumsum([len(c) for c in clips])[:-1]):
+                for crop in spatial_crops(*part.shape[1:3], cfg.data.input_size, cfg.evaluate.num_crops):
+                    views.append(normalize(crop_frames(part, crop)))
             clip = torch.stack(views)
         return {"video": clip, "label": int(label), "index": int(index)}

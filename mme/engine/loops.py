@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -60,13 +61,39 @@ def _worker_init(worker_id: int) -> None:  # noqa: ARG001
     cv2.setNumThreads(1)
 
 
+def prefetch_batches(num_workers: int) -> int:
+    """DataLoader `prefetch_factor`: about two batches in flight in all (at least one per worker), so that one
+    is ready when the step ends and one is being made, without multiplying the memory by the workers."""
+    return max(1, math.ceil(2 / max(num_workers, 1)))
+
+
+def main_threads(num_workers: int, cores: int | None = None) -> int:
+    """Torch threads of the training process beside `num_workers` busy loader workers on CPU: the cores the
+    workers leave, at least 1. Measured on 2 shared cores (benchmarks/results/pipeline.json): the bare mini
+    step ran 18.5 clips/s on 1 thread and 3.5 on 2 while other processes held the cores, because OpenMP
+    threads that wait for a descheduled sibling stall the whole step."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores - num_workers)
+
+
 def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                drop_last: bool) -> DataLoader:
-    """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`."""
+                drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`.
+
+    Workers persist across epochs when the dataset shares its epoch with them (`epoch_shared`: the epoch
+    lives in shared memory, so `set_epoch` in this process reaches the workers); memory is pinned on cuda.
+    On CPU with workers, this process keeps `main_threads(num_workers)` torch threads (workers take one each).
+    """
     sampler = make_sampler(dataset, env, shuffle=shuffle, seed=seed, drop_last=drop_last and shuffle)
+    workers = {}
+    if num_workers > 0:
+        if env.device.type == "cpu":
+            torch.set_num_threads(main_threads(num_workers))
+        workers = {"persistent_workers": bool(getattr(dataset, "epoch_shared", False)),
+                   "prefetch_factor": prefetch_batches(num_workers)}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last, worker_init_fn=_worker_init, pin_memory=env.device.type == "cuda",
-                      persistent_workers=False)
+                      collate_fn=collate_fn, **workers)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
