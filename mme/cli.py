@@ -27,6 +27,7 @@ STAGES = {
     "finetune": ("finetune", "supervised fine-tuning of a pre-trained encoder"),
     "probe": ("probe", "linear probe on the frozen encoder"),
     "evaluate": ("evaluate", "multi-view testing of the fine-tuned model"),
+    "baselines": ("baselines", "pre-trained vs random-init / from-scratch floors on test (baselines.json)"),
     "report": ("report", "build reports/tables and figures from what has been measured"),
     "inspect-targets": ("inspect", "one clip through the whole target path, saved as .npz"),
 }
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from models/<stage>/last.pt")
         if command in ("finetune", "probe", "evaluate"):
             p.add_argument("--init", type=Path, default=None,
-                           help="checkpoint to start from (this project's or an official VideoMAE/MME one)")
+                           help="checkpoint to start from (this project's or an official VideoMAE/MME one); "
+                                "probe: `random` (untrained encoder), finetune: `none` (from scratch), "
+                                "evaluate: `scratch` (models/finetune_scratch)")
         if command == "finetune":
             p.add_argument("--allow-partial", action="store_true", default=None,
                            help="accept an --init whose encoder covers the model only in part (other depth)")
