@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         if command == "extract":
             p.add_argument("--workers", type=int, default=None, help="parallel extraction processes")
             p.add_argument("--shard", default=None, metavar="i/N", help="process only shard i of N (0-based)")
+            p.add_argument("--splits", default=None, metavar="train,val,test",
+                           help="lists to make flow for (default: train, the only one a stage reads flow from)")
         if command in ("pretrain", "finetune", "probe"):
             p.add_argument("--resume", action="store_true", help="continue from models/<stage>/last.pt")
         if command in ("finetune", "probe", "evaluate"):

@@ -92,6 +92,15 @@ def listed_videos(paths: Paths, dataset: str, splits: tuple[str, ...] = SPLITS) 
     return list(dict.fromkeys(rel for file in files for rel, _ in read_list(file)))
 
 
+def parse_splits(splits: tuple[str, ...] | str) -> tuple[str, ...]:
+    """'train,val' or a tuple -> the split names, each checked against SPLITS."""
+    names = tuple(s.strip() for s in splits.split(",")) if isinstance(splits, str) else tuple(splits)
+    unknown = [name for name in names if name not in SPLITS]
+    if unknown or not names:
+        raise ValueError(f"--splits must name some of {', '.join(SPLITS)} separated by commas, got {splits!r}")
+    return names
+
+
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would only compete
 
@@ -208,7 +217,7 @@ def _summary(num_videos: int, records: list[dict[str, Any]], skipped: list[tuple
 
 
 def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str | None = None,
-        splits: tuple[str, ...] = FLOW_SPLITS) -> dict[str, Any]:
+        splits: tuple[str, ...] | str = FLOW_SPLITS) -> dict[str, Any]:
     """Cache the flow of every video listed in `splits` (or of shard `i/N` of them); returns the stage metrics.
 
     Args:
@@ -216,13 +225,15 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
         workdir: root of `data/` and `reports/`.
         workers: extraction processes (default `cfg.flow.workers`); 1 runs in this process.
         shard: `i/N` to process only every N-th video starting at the i-th (0-based).
-        splits: the lists to read (default `FLOW_SPLITS`, what the stages need; `SPLITS` for all).
+        splits: the lists to read (default `FLOW_SPLITS`, what the stages need; `SPLITS` for all), or
+            their names separated by commas (`--splits train,val,test`).
 
     Raises:
         ExtractError: videos were listed but none has a flow cache afterwards.
     """
     paths = Paths(workdir)
     dataset = cfg.data.dataset
+    splits = parse_splits(splits)
     shard_index, shard_count = parse_shard(shard)
     workers = cfg.flow.workers if workers is None else workers
     settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
