@@ -28,6 +28,7 @@ STAGES = {
     "finetune": ("finetune", "supervised fine-tuning of a pre-trained encoder"),
     "probe": ("probe", "linear probe on the frozen encoder"),
     "evaluate": ("evaluate", "multi-view testing of the fine-tuned model"),
+    "baselines": ("baselines", "pre-trained vs random-init / from-scratch floors on test (baselines.json)"),
     "report": ("report", "build reports/tables and figures from what has been measured"),
     "inspect-targets": ("inspect", "one clip through the whole target path, saved as .npz"),
 }
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         if command == "extract":
             p.add_argument("--workers", type=int, default=None, help="parallel extraction processes")
             p.add_argument("--shard", default=None, metavar="i/N", help="process only shard i of N (0-based)")
+            p.add_argument("--splits", default=None, metavar="train,val,test",
+                           help="lists to make flow for (default: train, the only one a stage reads flow from)")
         if command in ("pretrain", "finetune", "probe"):
             p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                            help="--resume: continue from models/<stage>/last.pt (fail if it cannot); --no-resume: "
@@ -118,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "parameters, else start over and say why")
         if command in ("finetune", "probe", "evaluate"):
             p.add_argument("--init", type=Path, default=None,
-                           help="checkpoint to start from (this project's or an official VideoMAE/MME one)")
+                           help="checkpoint to start from (this project's or an official VideoMAE/MME one); "
+                                "probe: `random` (untrained encoder), finetune: `none` (from scratch), "
+                                "evaluate: `scratch` (models/finetune_scratch)")
         if command == "finetune":
             p.add_argument("--allow-partial", action="store_true", default=None,
                            help="accept an --init whose encoder covers the model only in part (other depth)")

@@ -39,7 +39,6 @@ DecoderMode = Literal["joint", "separate"]
 Amp = Literal["bf16", "fp16", "off"]
 TargetsOn = Literal["auto", "device", "loader"]
 
-
 # Paper constants (Sun et al., CVPR 2023, section 4 and Table 7 defaults).
 PAPER_TRAJ_LENGTH = 6
 PAPER_POINTS_PER_PATCH = 4
@@ -61,6 +60,8 @@ class SyntheticConfig:
     zoom: float = 1.0          # magnifies objects and their motions (mme/data/synthetic.py `actor_tracks`)
     appearance: Appearance = "random"  # random: every video draws its own look; shared: one look, only motion differs
     workers: int = 2
+    val_videos: int = 0   # > 0: exactly this many of num_videos in val (else data.val_fraction); held-out
+    test_videos: int = 0  # splits cost generation and decoding only: extract makes flow for train alone
 
 
 @dataclass
@@ -147,6 +148,7 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    init: Literal["pretrained", "scratch"] = "pretrained"  # scratch: the random-init floor, models/finetune_scratch
     epochs: int = 15
     batch_size: int = 16
     base_lr: float = 1e-3
@@ -168,11 +170,14 @@ class FinetuneConfig:
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig:  # the frozen probes' grids (mme/stages/probe.py), chosen on val
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the untrained encoder, models/probe_random
     epochs: int = 50
     batch_size: int = 64
-    lr: float = 1e-2
+    lr: float = 1e-2  # the largest linear lr; the grid is lr x (0.1, 0.3, 1)
     weight_decay: float = 0.0
+    attentive_epochs: int = 10  # 0 = no attentive probe
+    attentive_lr: float = 3e-3  # the largest attentive lr; the grid is lr x (0.3, 1)
 
 
 @dataclass
@@ -235,7 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
         "data": {"synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False, "appearance": "shared",
-                               "zoom": 1.6}},
+                               "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
         "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
         "pretrain": {"epochs": 6, "base_lr": 4e-3, "warmup_epochs": 1},
         "finetune": {"epochs": 10, "batch_size": 8, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0,
@@ -377,12 +382,12 @@ COUNTS: dict[str, int] = {
     "data.short_side": 1, "data.input_size": 1, "data.num_workers": 0,
     "data.synthetic.num_videos": 1, "data.synthetic.num_frames": 2, "data.synthetic.size": 1,
     "data.synthetic.fps": 1, "data.synthetic.distractors": 0, "data.synthetic.workers": 0,
-    "flow.workers": 0,
-    "model.patch_size": 1, "model.tubelet_size": 1,
+    "data.synthetic.val_videos": 0, "data.synthetic.test_videos": 0, "flow.workers": 0,
+    "model.patch_size": 1, "model.tubelet_size": 1, "probe.attentive_epochs": 0,
     "pretrain.epochs": 1, "pretrain.batch_size": 1, "pretrain.warmup_epochs": 0, "pretrain.accum_steps": 1,
     "finetune.epochs": 1, "finetune.batch_size": 1, "finetune.warmup_epochs": 0, "finetune.accum_steps": 1,
-    "probe.epochs": 1, "probe.batch_size": 1,
-    "evaluate.num_clips": 1, "evaluate.num_crops": 1, "evaluate.batch_size": 1,
+    "probe.epochs": 1, "probe.batch_size": 1, "evaluate.num_clips": 1, "evaluate.num_crops": 1,
+    "evaluate.batch_size": 1,
 }
 # Non-negative amounts (0 switches the feature off).
 NON_NEGATIVE = ("pretrain.clip_grad", "finetune.clip_grad", "finetune.mixup", "finetune.cutmix")
@@ -396,6 +401,8 @@ def validate_counts(flat: dict[str, Any]) -> None:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]} is out of range: it must be >= 0 (0 = off)")
+    if flat["data.synthetic.val_videos"] + flat["data.synthetic.test_videos"] >= flat["data.synthetic.num_videos"]:
+        raise ConfigError("data.synthetic.val_videos + test_videos leave no training video; raise num_videos")
 
 
 def validate(cfg: Config) -> None:

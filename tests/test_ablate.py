@@ -102,14 +102,15 @@ def _ablate(workdir: Path, env: dict[str, str], *extra: str) -> subprocess.Compl
 @pytest.mark.slow
 def test_two_workers_split_grid_retry_failure_and_resume(tmp_path, fake_runner):
     workdir = tmp_path / "work"
-    env = fake_runner | {"FAKE_BARRIER": "2", "FAKE_FAIL_ONCE": "target.length=6,seed=1"}
+    env = fake_runner | {"FAKE_BARRIER": "2", "FAKE_FAIL_ONCE": "target.length=6,seed=1,probe.init=pretrained"}
     out = _ablate(workdir, env, "--n-jobs", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     storage, name = f"sqlite:///{workdir / 'optuna.db'}", "length-smoke-synthetic"
     trials = _trials(storage, name)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     points = sorted((t.params["setting"], t.params["seed"]) for t in complete)
-    assert points == [(f"L={n}", s) for n in (4, 6, 8) for s in (0, 1)]  # every point once, no duplicate
+    # every point once, no duplicate; the floor row is a grid point like the others
+    assert points == [(label, s) for label in ("L=4", "L=6", "L=8", "Random init") for s in (0, 1)]
     assert len({t.user_attrs["worker_pid"] for t in complete}) == 2  # both workers ran trials
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [(t.params["setting"], t.params["seed"]) for t in failed] == [("L=6", 1)]
@@ -123,19 +124,19 @@ def test_two_workers_split_grid_retry_failure_and_resume(tmp_path, fake_runner):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     parent_id = optuna.load_study(study_name=name, storage=storage).user_attrs["mlflow_parent_run_id"]
     parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.data.metrics["grid_points_done"] == 6
+    assert parent.info.status == "FINISHED" and parent.data.metrics["grid_points_done"] == 8
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     ran = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert sorted(int(r.data.tags["optuna_trial"]) for r in children) == sorted(t.number for t in ran)
     assert {r.data.params["optuna_trial_number"] for r in children} == {str(t.number) for t in ran}
 
     table = pd.read_csv(workdir / "reports/tables/table7a_length.csv")  # ablate.py rebuilt the table
-    assert list(table["n_seeds"]) == [2, 2, 2] and list(table["ft_top1_mean"]) == [54.25, 56.25, 58.25]
+    assert list(table["n_seeds"]) == [2, 2, 2, 2] and list(table["ft_top1_mean"]) == [54.25, 56.25, 58.25, 56.25]
 
     again = _ablate(workdir, fake_runner)  # resume a finished study: nothing new runs
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(_trials(storage, name)) == len(trials)
-    assert "6/6 grid points done" in again.stdout
+    assert "8/8 grid points done" in again.stdout
 
 
 def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner, monkeypatch):
@@ -153,7 +154,7 @@ def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner
     storage = ablate.open_storage(str(journal))
     trials = _trials(storage, "norm-smoke-synthetic")
     by_state = {state: [t.params["setting"] for t in trials if t.state == state] for state in TrialState}
-    assert by_state[TrialState.COMPLETE] == ["w/ patch norm"]
+    assert sorted(by_state[TrialState.COMPLETE]) == ["Random init", "w/ patch norm"]
     assert by_state[TrialState.FAIL] == ["w/o patch norm", "w/o patch norm"]  # the first try and one retry
     assert ablate.main(argv) == 1 and len(_trials(storage, "norm-smoke-synthetic")) == len(trials)
     table = pd.read_csv(tmp_path / "work/reports/tables/table7b_norm.csv").set_index("setting")

@@ -41,8 +41,9 @@ def write_video(path: Path, num_frames: int, seed: int, height: int = 72, width:
 
 
 def make_dataset(workdir: Path, num_good: int, num_frames: int = 16, broken: bool = True, **size) -> list[str]:
-    """Good videos v0..v{n-1}, optionally a garbage file and an empty one, listed across the three splits
-    with one video listed twice. Returns the distinct list paths in list order."""
+    """Good videos v0..v{n-1}, optionally a garbage file and an empty one, all in the training list (the
+    split `mme extract` makes flow for), with one listed twice; val and test list some of them again.
+    Returns the distinct list paths in list order."""
     good = [f"{RAW}/v{i}.mp4" for i in range(num_good)]
     for i, rel in enumerate(good):
         write_video(workdir / rel, num_frames, seed=i, **size)
@@ -54,11 +55,10 @@ def make_dataset(workdir: Path, num_good: int, num_frames: int = 16, broken: boo
         (workdir / bad[1]).write_bytes(b"")
     videos = good + bad
     lists = Paths(workdir)
-    thirds = [videos[0::3], videos[1::3], videos[2::3]]
-    thirds[1] = thirds[1] + videos[:1]  # listed in train and in val: extracted once
+    thirds = [videos + videos[:1], videos[1::3], videos[2::3]]  # v0 listed twice: extracted once
     for split, rows in zip(extract.SPLITS, thirds):
         write_list(lists.list_file(DATASET, split), [(rel, 0) for rel in rows])
-    return list(dict.fromkeys(videos[0::3] + videos[1::3] + videos[2::3]))
+    return list(videos)
 
 
 def caches(workdir: Path) -> dict[str, Path]:

@@ -69,10 +69,13 @@ def test_dvc_repro_smoke_pipeline(tmp_path):
                 "reports/plots/pretrain.csv", "reports/figures/confusion.png", "dvc.lock"):
         assert (repo / rel).exists(), rel
     flows = list((repo / "data/flow/synthetic").rglob("*.npz"))
-    assert len(flows) == 24
+    train = (repo / "data/lists/synthetic/train.csv").read_text().split()[::2]  # flow is made for train only
+    assert len(flows) == len(train) == 16
     metrics = {name: json.loads((repo / f"reports/metrics/{name}.json").read_text())
-               for name in ("download", "extract", "pretrain", "finetune", "probe", "evaluate")}
-    assert metrics["extract"]["extracted"] + metrics["extract"].get("reused", 0) == 24
+               for name in ("download", "extract", "pretrain", "finetune", "probe", "evaluate", "probe_random",
+                            "finetune_scratch", "evaluate_scratch", "baselines")}
+    assert metrics["extract"]["extracted"] + metrics["extract"].get("reused", 0) == 16
+    assert metrics["baselines"]["random_init_probe_top1"] == pytest.approx(metrics["probe_random"]["top1"])
     assert 0.0 <= metrics["evaluate"]["top1"] <= 100.0 and metrics["evaluate"]["top5"] >= metrics["evaluate"]["top1"]
 
     import mlflow

@@ -99,7 +99,8 @@ def workdir(footage, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(work)  # no params.yaml of the current directory applies
         for stage in ("download", "extract", "pretrain", "finetune", "probe", "evaluate"):
-            assert cli.main(_args(stage, footage, work)) == 0, f"mme {stage} failed (see the captured stderr)"
+            extra = ("--splits", "train,val,test") if stage == "extract" else ()  # every clip's flow and cuts
+            assert cli.main(_args(stage, footage, work, *extra)) == 0, f"mme {stage} failed (see the captured stderr)"
     return work
 
 
@@ -140,12 +141,14 @@ def test_flow_cache_has_every_size_at_the_short_side_and_the_cut(footage, workdi
 
 
 def test_every_training_stage_made_updates(workdir):
-    for stage in ("pretrain", "finetune", "probe"):
+    for stage in ("pretrain", "finetune"):
         checkpoint = torch.load(Paths(workdir).models_dir(stage) / "checkpoint.pt", map_location="cpu",
                                 weights_only=False)
         metrics = _metrics(workdir, stage)
         assert checkpoint["step"] >= 1 and metrics["epochs"] >= 1, stage
         assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, stage
+    probe = _metrics(workdir, "probe")  # heads fit in memory on cached features, chosen on val, scored on test
+    assert probe["epochs"] >= 1 and probe["num_test"] == 2 and 0.0 <= probe["top1"] <= 100.0
     evaluate = _metrics(workdir, "evaluate")
     assert evaluate["num_videos"] == len(_rows(workdir)["test"]) == 2
     assert 0.0 <= evaluate["top1"] <= 100.0 and len(evaluate["confusion"]) == 2

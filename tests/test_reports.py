@@ -82,7 +82,8 @@ def test_tables_from_sqlite_study(length_storage):
     (table,) = tables.load_tables(open_storage(length_storage))
     assert table.optuna_study == "length-smoke-synthetic" and table.trials_counted == 4
     rows = table.rows.set_index("setting")
-    assert list(rows.index) == ["L=4", "L=6", "L=8"]
+    assert list(rows.index) == ["L=4", "L=6", "L=8", "Random init"]  # every study keeps its floor row
+    assert rows.loc["Random init", "n_seeds"] == 0  # no floor trial stored: listed, never measured
     l4 = rows.loc["L=4"]
     assert l4["n_seeds"] == 2
     assert l4["ft_top1_mean"] == pytest.approx(61.0) and l4["ft_top1_std"] == pytest.approx(math.sqrt(2))
@@ -225,7 +226,9 @@ def test_one_seed_or_no_floor_gives_no_verdict(tmp_path):
     assert set(one_seed.rows["ft_top1_verdict"]) == {"insufficient seeds"}
     assert "insufficient seeds: L=4, L=6, L=8, Random init" in tables.verdict_text(one_seed, "ft_top1")
     (no_floor,) = tables.load_tables(open_storage(_clip_storage(tmp_path / "b", floor=False)), resamples=500)
-    assert set(no_floor.rows["ft_top1_verdict"]) == {"no floor"}
+    measured = no_floor.rows["n_seeds"] > 0  # the study lists its floor row, but no trial measured it
+    assert set(no_floor.rows[measured]["ft_top1_verdict"]) == {"no floor"}
+    assert list(no_floor.rows[~measured]["setting"]) == ["Random init"]
     assert "no `Random init` row" in tables.verdict_text(no_floor, "ft_top1")
 
 

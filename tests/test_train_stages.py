@@ -42,11 +42,17 @@ def test_four_stages_on_the_smoke_preset(workdir):
     assert math.isfinite(pre["loss"]) and set(pre) >= {"loss_pos", "loss_shape"}  # traj: both parts logged
     pre_id = read_checkpoint(workdir / "models/pretrain/checkpoint.pt")["mlflow_run_id"]
     assert pre_id and fine["pretrain_run_id"] == lin["pretrain_run_id"] == test["pretrain_run_id"] == pre_id
-    for stage in ("pretrain", "finetune", "probe"):
+    for stage in ("pretrain", "finetune"):
         assert (workdir / f"models/{stage}/last.pt").is_file() and (workdir / f"models/{stage}/checkpoint.pt").is_file()
         rows = list(csv.DictReader((workdir / f"reports/plots/{stage}.csv").open()))
         assert len(rows) == getattr(cfg, stage).epochs and all(math.isfinite(float(r["loss"])) for r in rows)
     assert "val_top1" in rows[0]
+    # The probes train in memory on cached features (resume reuses those): the chosen heads' val curves.
+    assert (workdir / "models/probe/checkpoint.pt").is_file() and (workdir / "models/probe/features.pt").is_file()
+    rows = list(csv.DictReader((workdir / "reports/plots/probe.csv").open()))
+    assert len(rows) == max(cfg.probe.epochs, cfg.probe.attentive_epochs)
+    assert all(math.isfinite(float(r["val_top1"])) for r in rows[:cfg.probe.epochs])
+    assert {"top1", "val_top1", "attentive_top1", "lr", "attentive_lr"} <= set(lin)
     numbers = json.loads((workdir / "reports/metrics/evaluate.json").read_text())
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values())  # dvc metrics
     metrics = read_metrics(workdir / "reports/metrics/evaluate.json")

@@ -65,6 +65,7 @@ from mme.ablation.studies import (
     ATTR_PRESET,
     ATTR_STUDY,
     METRICS,
+    RECORDS,
     Study,
     get_study,
     optuna_study_name,
@@ -316,11 +317,14 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
     for key in METRICS:
         if key in metrics:
             trial.set_user_attr(key, float(metrics[key]))
+    for key in RECORDS:  # JSON records (the per-clip test results), stored as they are
+        if key in metrics:
+            trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("trial_seconds", round(time.time() - started, 2))
     for last in (trial_dir / "models").glob("*/last.pt"):  # resume-only checkpoints of a finished trial
         last.unlink()
     print(f"ablate[{os.getpid()}]: trial {trial.number} {label} seed {seed}: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+          + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))), flush=True)
     return float(metrics[plan.study.objective])
 
 

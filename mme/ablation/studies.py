@@ -15,6 +15,11 @@ Choices made here (the paper leaves them implicit):
   probe top-1. Its labels name the method; `paper` points at the paper's SSv2 rows.
 - `robustness` (no paper table) toggles the real-footage trajectory checks; the content study carries an
   extra `traj_official` row (the released code's target).
+- Every study has a `reference` row (the paper's default setting, e.g. L=6 for the length) and a floor
+  row, FLOOR ("Random init"): the reference's settings with `probe.init=random` and
+  `finetune.init=scratch`, i.e. the probe of an untrained encoder and fine-tuning from scratch, with the
+  same schedule, seeds and splits. The trial chain (mme/stages/chain.py) skips pre-training for it and
+  reuses the floor of any table with the same resolved (classification-relevant) config.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ ATTR_BUDGET = "trial_budget"
 ATTR_PARENT_RUN = "mlflow_parent_run_id"
 
 # Trial user attributes holding the measured metrics (the runner's result keys).
-METRICS = ("ft_top1", "ft_top5", "probe_top1", "pretrain_seconds", "pretrain_loss")
+METRICS = ("ft_top1", "ft_top5", "probe_top1", "attentive_top1", "pretrain_seconds", "pretrain_loss")
+# Trial user attributes holding JSON records, stored as the runner returns them: the per-clip test record
+# (mme.reports.per_clip: which test clips each metric got right; tables bootstrap over them).
+RECORDS = ("per_clip",)
 FULL_CHAIN = ("pretrain", "finetune", "probe")
+FLOOR = "Random init"  # the floor row's label (the tables' statistics look for it by this name)
+FLOOR_OVERRIDES = ("probe.init=random", "finetune.init=scratch")
 
 # Per-preset trial budget, applied before a study's own overrides and the user's --set (which win): like
 # the paper's ablations, a trial is cheaper than the default pipeline (why these values and what they
@@ -65,7 +75,9 @@ class Setting:
 class Study:
     """One ablation axis. `table`: the paper's table id; `file`: the stem of reports/tables/<file>.csv;
     `paper_study`: the reference csv's study column; `base`: overrides shared by every setting;
-    `objective`: the trial metric Optuna maximises; `stages`: what a trial runs after pre-training."""
+    `objective`: the trial metric Optuna maximises; `stages`: what a trial runs after pre-training;
+    `reference`: the label of the paper's default setting, the row every other one is compared with.
+    The floor row FLOOR (the reference's overrides + FLOOR_OVERRIDES) is appended to `settings`."""
 
     name: str
     table: str
@@ -77,9 +89,16 @@ class Study:
     objective: str = "ft_top1"
     stages: tuple[str, ...] = FULL_CHAIN
     notes: str = ""
+    reference: str = ""
     labels: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        labels = [s.label for s in self.settings]
+        if self.reference not in labels:
+            raise ValueError(f"study {self.name!r}: reference {self.reference!r} is not one of its settings")
+        if FLOOR not in labels:
+            floor = Setting(FLOOR, (*self.setting(self.reference).overrides, *FLOOR_OVERRIDES))
+            object.__setattr__(self, "settings", (*self.settings, floor))
         object.__setattr__(self, "labels", tuple(s.label for s in self.settings))
 
     def setting(self, label: str) -> Setting:
@@ -106,7 +125,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         _same("HOG+Traj w/o shape", "target.kind=hog+traj_pos", "target.interpolate=true"),
         _same("Traj", "target.kind=traj", "target.interpolate=true"),
         Setting("MotionMAE", ("target.kind=motionmae",), paper=None),
-    ), notes="MotionMAE (arXiv 2210.04154) is an extra row; the paper does not compare with it."),
+    ), notes="MotionMAE (arXiv 2210.04154) is an extra row; the paper does not compare with it.", reference="Traj"),
     Study("interpolation", "6", "table6_interpolation", "Trajectory interpolation", "interpolation", (
         _same("HOG no-interp", "target.kind=hog", "target.interpolate=false"),
         _same("HOG interp", "target.kind=hog", "target.interpolate=true"),
@@ -114,38 +133,39 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         _same("HOG+MBH interp", "target.kind=hog+mbh", "target.interpolate=true"),
         _same("Traj no-interp", "target.kind=traj", "target.interpolate=false"),
         _same("Traj interp", "target.kind=traj", "target.interpolate=true"),
-    )),
+    ), reference="Traj interp"),
     Study("length", "7a", "table7a_length", "Trajectory length L", "length", tuple(
-        _same(f"L={n}", f"target.length={n}") for n in (4, 6, 8)), base=_TRAJ),
+        _same(f"L={n}", f"target.length={n}") for n in (4, 6, 8)), base=_TRAJ, reference="L=6"),
     Study("norm", "7b", "table7b_norm", "Trajectory patch normalisation", "norm", (
         _same("w/o patch norm", "target.patch_norm=false"),
         _same("w/ patch norm", "target.patch_norm=true"),
-    ), base=_TRAJ),
+    ), base=_TRAJ, reference="w/ patch norm"),
     Study("density", "7c", "table7c_density", "Trajectory density", "density", (
         _same("Dense", "target.density=dense"),
         _same("Sparse (Max)", "target.density=max"),
         _same("Sparse (Mean)", "target.density=mean"),
-    ), base=_TRAJ),
+    ), base=_TRAJ, reference="Dense"),
     Study("stride", "7d", "table7d_stride", "Sampling stride s", "stride", tuple(
-        _same(f"s={s}", f"data.stride={s}") for s in (4, 3, 2, 1)), base=_TRAJ),
+        _same(f"s={s}", f"data.stride={s}") for s in (4, 3, 2, 1)), base=_TRAJ, reference="s=3"),
     Study("masking", "7e", "table7e_masking", "Spatial masking", "masking", (
         _same("90% tube", "mask.kind=tube", "mask.ratio=0.9"),
         _same("70% tube", "mask.kind=tube", "mask.ratio=0.7"),
         _same("40% tube", "mask.kind=tube", "mask.ratio=0.4"),
         _same("40% cube", "mask.kind=cube", "mask.ratio=0.4"),
-    ), base=_TRAJ),
+    ), base=_TRAJ, reference="70% tube"),
     Study("decoder", "7f", "table7f_decoder", "Decoder", "decoder", tuple(
         _same(f"{mode.capitalize()} depth {depth}", f"model.decoder_mode={mode}", f"model.decoder_depth={depth}")
-        for mode in ("joint", "separate") for depth in (1, 2)), base=_TRAJ),
+        for mode in ("joint", "separate") for depth in (1, 2)), base=_TRAJ, reference="Joint depth 1"),
     Study("shuffle", "fig3", "fig3_shuffle", "Pre-training on frame-shuffled video", "shuffle", tuple(
         _same(f"{method} {video} video", f"target.kind={kind}", f"data.shuffle_frames={shuffled}")
         for method, kind in (("VideoMAE", "pixel"), ("MME", "traj"))
-        for video, shuffled in (("raw", "false"), ("shuffled", "true")))),
+        for video, shuffled in (("raw", "false"), ("shuffled", "true"))), reference="MME raw video"),
     Study("probe", "4", "table4_probe", "Linear probing", "linear_probe", (
         Setting("VideoMAE (pixel)", ("target.kind=pixel",), paper="VideoMAE SSv2"),
         Setting("MME (traj)", ("target.kind=traj",), paper="MME SSv2"),
     ), objective="probe_top1", stages=("pretrain", "probe"),
-        notes="The paper's TimeSformer and SVT rows are other backbones; they are not re-run."),
+        notes="The paper's TimeSformer and SVT rows are other backbones; they are not re-run.",
+        reference="MME (traj)"),
 )}
 
 # Real footage (docs/targets.md): the released code's target as a row of the content study, so its deviations

@@ -123,14 +123,16 @@ def _share(fraction: float, total: int, left: int) -> int:
     return count
 
 
-def stratified_split(rows, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
+def stratified_split(rows, val_fraction: float, test_fraction: float, seed: int, val_count: int = 0,
+                     test_count: int = 0) -> dict[str, list]:
     """Split `(path, label)` rows into train/val/test with every class spread as evenly as possible.
 
     Videos of each class are shuffled (seeded); classes are interleaved rank by rank (in a seeded class
     order), and the first `round(test_fraction*N)` of that sequence go to test, the next
     `round(val_fraction*N)` to val, the rest to train. On a tiny set where that rounds to 0, a split with
     a non-zero fraction still gets one video while train keeps at least one (3 videos: one each), so the
-    stages that read val and test have something to read. Each split keeps the input order.
+    stages that read val and test have something to read. A non-zero `val_count` / `test_count` gives
+    that split exactly so many videos instead of its fraction. Each split keeps the input order.
     """
     rng = np.random.default_rng([int(seed), 20230])
     rows = list(rows)
@@ -142,8 +144,10 @@ def stratified_split(rows, val_fraction: float, test_fraction: float, seed: int)
     interleaved = []
     for rank in range(max((len(q) for q in queues.values()), default=0)):
         interleaved += [queues[c][rank] for c in labels if rank < len(queues[c])]
-    n_test = _share(test_fraction, len(rows), len(rows))
-    n_val = _share(val_fraction, len(rows), len(rows) - n_test)
+    if val_count + test_count >= max(len(rows), 1) and (val_count or test_count):
+        raise ValueError(f"split counts val {val_count} + test {test_count} leave no training video of {len(rows)}")
+    n_test = test_count or _share(test_fraction, len(rows), len(rows))
+    n_val = val_count or _share(val_fraction, len(rows), len(rows) - n_test)
     chosen = {"test": set(interleaved[:n_test]), "val": set(interleaved[n_test:n_test + n_val])}
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     for position, row in enumerate(rows):

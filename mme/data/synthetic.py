@@ -63,7 +63,7 @@ PAN_SPEED = (0.05, 0.25)    # camera pan, px/frame at REF_SIZE
 JITTER = (0.3, 1.2)         # distractor shake amplitude, px at REF_SIZE
 APPEARANCES = CHOICES["data.synthetic.appearance"]  # one list, validated by the config too
 # SyntheticConfig fields that do not change any video (video i depends only on the seed, i and the rest).
-NOT_IN_META = ("num_videos", "workers")
+NOT_IN_META = ("num_videos", "workers", "val_videos", "test_videos")
 
 
 # ---------------------------------------------------------------- motion (unit pixels; scaled by size/128)

@@ -115,6 +115,7 @@ class FrozenEval:
     test_predictions: torch.Tensor  # (n_test,) predicted class
     test_correct: torch.Tensor  # (n_test,) 1.0 where the prediction is the label
     test_top1: float
+    head: nn.Module | None = None  # the chosen head, in eval mode
 
 
 def evaluate_frozen(kind: str, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -124,4 +125,4 @@ def evaluate_frozen(kind: str, train: tuple[torch.Tensor, torch.Tensor], val: tu
     head, chosen, curves = fit_probe(kind, *train, *val, grid, seed, num_classes)
     predictions = predict(head, test[0])
     correct = (predictions == test[1]).float()
-    return FrozenEval(kind, chosen, curves, predictions, correct, 100.0 * float(correct.mean()))
+    return FrozenEval(kind, chosen, curves, predictions, correct, 100.0 * float(correct.mean()), head)

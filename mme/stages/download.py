@@ -21,11 +21,13 @@ SPLITS = ("train", "val", "test")
 
 
 def make_synthetic(cfg: Config, workdir: Path, progress: bool = True) -> tuple[sources.Prepared, int]:
-    """Generate the motion dataset; returns its splits (stratified by class) and how many videos were written."""
+    """Generate the motion dataset; returns its splits (stratified by class; `data.synthetic.val_videos` /
+    `test_videos` fix a held-out split's size) and how many videos were written."""
     settings = cfg.data.synthetic
     videos, written = synthetic.generate_counted(Paths(workdir).raw_dir("synthetic"), settings, cfg.seed, progress)
     rows = [(relative_to_workdir(workdir, path), label) for path, label in videos]
-    splits = stratified_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    splits = stratified_split(rows, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed,
+                              settings.val_videos, settings.test_videos)
     return sources.Prepared(splits, list(synthetic.CLASSES)), written
 
 

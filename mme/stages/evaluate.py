@@ -1,9 +1,15 @@
-"""Stage `evaluate`: multi-view testing of the fine-tuned classifier.
+"""Stage `evaluate`: multi-view testing of a fine-tuned classifier on the TEST split.
+
+The model is `models/finetune/checkpoint.pt`, `--init scratch` (or `none`) for the from-scratch floor
+`models/finetune_scratch/checkpoint.pt`, or any checkpoint path; the outputs are named after the stage
+that wrote the checkpoint (`finetune` -> `evaluate`, `finetune_scratch` -> `evaluate_scratch`).
 
 Each test video gives `evaluate.num_clips` temporal clips × `evaluate.num_crops` spatial crops; the
 softmax of the views is averaged. Reports top-1, top-5, per-class and mean-class accuracy to
-`reports/metrics/evaluate.json`, the confusion matrix to `reports/figures/confusion.png`, and the same
-to one MLflow run tagged with the pre-training run id the fine-tuned checkpoint recorded.
+`reports/metrics/<name>.json`, which test clips were right (`ft_top1`) to the per-clip record
+`reports/metrics/<name>.per_clip.json` (`mme.reports.per_clip`), the confusion matrix to
+`reports/figures/confusion.png` (`confusion_scratch.png`, ...), and the same to one MLflow run tagged with
+the pre-training run id the fine-tuned checkpoint recorded.
 """
 
 from __future__ import annotations
@@ -20,9 +26,27 @@ from mme.engine.loops import make_loader, predict, topk_accuracy
 from mme.engine.tracking import log_artifact, log_metrics, log_params, stage_run
 from mme.models import classifier_from_args, load_checkpoint, model_args, read_checkpoint
 from mme.paths import Paths
-from mme.utils import atomic_path, seed_everything, write_metrics
+from mme.reports import per_clip
+from mme.utils import atomic_path, seed_everything, write_json, write_metrics
 
 STAGE = "evaluate"
+SCRATCH_INITS = ("none", "scratch")  # `--init scratch`: the from-scratch floor's checkpoint
+PER_CLIP_METRIC = "ft_top1"  # the per-clip record's key (the ablation trial's metric name)
+
+
+def checkpoint_path(paths: Paths, init: str | Path | None) -> Path:
+    """The classifier to test: the fine-tuned one, the from-scratch one (`scratch`/`none`), or a path."""
+    if init is None:
+        return paths.models_dir("finetune") / FINAL
+    if str(init) in SCRATCH_INITS:
+        return paths.models_dir("finetune_scratch") / FINAL
+    return Path(init)
+
+
+def output_name(checkpoint: dict[str, Any]) -> str:
+    """`evaluate` plus the suffix of the stage that wrote the checkpoint (`finetune_scratch` -> `_scratch`)."""
+    stage = str(checkpoint.get("stage") or "finetune")
+    return STAGE + (stage.removeprefix("finetune") if stage.startswith("finetune") else "")
 
 
 def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -69,23 +93,25 @@ def class_names(cfg: Config, paths: Paths, num_classes: int) -> list[str]:
 
 
 def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: Any) -> dict[str, Any]:
-    """Test `models/finetune/checkpoint.pt` (or `--init`) on the test split."""
+    """Test `models/finetune/checkpoint.pt` (or `--init`: `scratch` or a path) on the test split."""
     from mme.datasets import VideoClsDataset
 
     with process_group() as env:
         paths = Paths(workdir)
         seed_everything(cfg.seed)
-        ckpt = Path(init) if init else paths.models_dir("finetune") / FINAL
+        ckpt = checkpoint_path(paths, init)
         data = read_checkpoint(ckpt)
+        name = output_name(data)
+        figure = paths.figures_dir / f"confusion{name.removeprefix(STAGE)}.png"
         dataset = VideoClsDataset(cfg, paths.workdir, "test", mode="test")
         model = classifier_from_args(data.get("model_args") or model_args(cfg), dataset.num_classes)
         load_checkpoint(model.to(env.device), ckpt)
         loader = make_loader(dataset, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
                              num_workers=cfg.data.num_workers, drop_last=False)
         pretrain_run_id = data.get("pretrain_run_id")
-        with stage_run(cfg, paths.workdir, STAGE, enabled=env.is_main,
+        with stage_run(cfg, paths.workdir, name, enabled=env.is_main,
                        tags={"pretrain_run_id": pretrain_run_id or "none", "checkpoint": str(ckpt)}) as mlrun:
-            probs, labels, _ = predict(model, loader, env.device, cfg.finetune.amp, show_progress=env.is_main)
+            probs, labels, indices = predict(model, loader, env.device, cfg.finetune.amp, show_progress=env.is_main)
             confusion = confusion_matrix(probs, labels, dataset.num_classes)
             per_class = per_class_accuracy(confusion)
             present = [a for a in per_class if a == a]  # NaN for classes without test videos
@@ -96,12 +122,16 @@ def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: A
                 "per_class_accuracy": {n: (a if a == a else None) for n, a in zip(names, per_class)},
                 "confusion": confusion.tolist(),
                 "pretrain_run_id": pretrain_run_id, "mlflow_run_id": mlrun.info.run_id if mlrun else None,
+                "checkpoint": str(ckpt),
             }
             if env.is_main:
                 log_params({"pretrain_run_id": pretrain_run_id or "none"})
                 log_metrics(metrics)
-                write_metrics(paths.metrics_dir / f"{STAGE}.json", result, details=("per_class_accuracy",))
-                plot_confusion(confusion, names, paths.figures_dir / "confusion.png")
-                log_artifact(paths.figures_dir / "confusion.png", "figures")
-                log_artifact(paths.metrics_dir / f"{STAGE}.json", "metrics")
+                write_metrics(paths.metrics_dir / f"{name}.json", result, details=("per_class_accuracy",))
+                clips = [dataset.items[int(i)][0] for i in indices]
+                write_json(paths.metrics_dir / f"{name}.per_clip.json", per_clip.encode(per_clip.from_predictions(
+                    clips, labels.tolist(), {PER_CLIP_METRIC: probs.argmax(dim=1).tolist()})))
+                plot_confusion(confusion, names, figure)
+                log_artifact(figure, "figures")
+                log_artifact(paths.metrics_dir / f"{name}.json", "metrics")
         return result

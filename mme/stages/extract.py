@@ -1,6 +1,8 @@
 """Extract stage: dense optical flow of every listed video into the flow cache (`mme extract`).
 
-For each video of the dataset's train/val/test lists (each video once): decode every frame with
+For each video of the lists that a stage reads flow from (`FLOW_SPLITS`: pre-training reads train; the
+classification stages read no flow, so the large held-out val/test splits cost no extraction; each video
+once): decode every frame with
 `read_frames(path, range(n), short_side=cfg.data.short_side)` -- the call the datasets make, so flow and
 clips share their geometry -- compute the flow of every consecutive pair (`cfg.flow.backend`, optional
 camera compensation) and save it to `data/flow/<dataset>/<video_key>.npz`, with the video's shot cuts
@@ -38,6 +40,7 @@ from mme.paths import Paths
 from mme.utils import report_skipped, write_metrics
 
 SPLITS = ("train", "val", "test")
+FLOW_SPLITS = ("train",)  # the splits whose datasets read flow caches (PretrainDataset: train)
 FLOAT32_BYTES = 4
 # Per-video failures that skip the video instead of stopping the stage.
 VIDEO_FAILURES = (VideoError, ValueError, OSError, MemoryError, cv2.error)
@@ -80,13 +83,22 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     raise ValueError(f"--shard must be i/N with 0 <= i < N (e.g. 0/4 ... 3/4), got {shard!r}")
 
 
-def listed_videos(paths: Paths, dataset: str) -> list[str]:
-    """Every video of the dataset's lists, train then val then test, each once (first occurrence)."""
-    files = [paths.list_file(dataset, split) for split in SPLITS if paths.list_file(dataset, split).is_file()]
+def listed_videos(paths: Paths, dataset: str, splits: tuple[str, ...] = SPLITS) -> list[str]:
+    """Every video of the dataset's lists of `splits`, in that order, each once (first occurrence)."""
+    files = [paths.list_file(dataset, split) for split in splits if paths.list_file(dataset, split).is_file()]
     if not files:
         raise FileNotFoundError(f"no video lists for {dataset!r} in {paths.lists_dir(dataset)}; "
                                 f"run `mme download --dataset {dataset}` first")
     return list(dict.fromkeys(rel for file in files for rel, _ in read_list(file)))
+
+
+def parse_splits(splits: tuple[str, ...] | str) -> tuple[str, ...]:
+    """'train,val' or a tuple -> the split names, each checked against SPLITS."""
+    names = tuple(s.strip() for s in splits.split(",")) if isinstance(splits, str) else tuple(splits)
+    unknown = [name for name in names if name not in SPLITS]
+    if unknown or not names:
+        raise ValueError(f"--splits must name some of {', '.join(SPLITS)} separated by commas, got {splits!r}")
+    return names
 
 
 def _init_worker() -> None:
@@ -204,24 +216,28 @@ def _summary(num_videos: int, records: list[dict[str, Any]], skipped: list[tuple
     }
 
 
-def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str | None = None) -> dict[str, Any]:
-    """Cache the flow of every listed video (or of shard `i/N` of them); returns the stage metrics.
+def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str | None = None,
+        splits: tuple[str, ...] | str = FLOW_SPLITS) -> dict[str, Any]:
+    """Cache the flow of every video listed in `splits` (or of shard `i/N` of them); returns the stage metrics.
 
     Args:
         cfg: resolved config (`data.dataset`, `data.short_side`, `flow.*`).
         workdir: root of `data/` and `reports/`.
         workers: extraction processes (default `cfg.flow.workers`); 1 runs in this process.
         shard: `i/N` to process only every N-th video starting at the i-th (0-based).
+        splits: the lists to read (default `FLOW_SPLITS`, what the stages need; `SPLITS` for all), or
+            their names separated by commas (`--splits train,val,test`).
 
     Raises:
         ExtractError: videos were listed but none has a flow cache afterwards.
     """
     paths = Paths(workdir)
     dataset = cfg.data.dataset
+    splits = parse_splits(splits)
     shard_index, shard_count = parse_shard(shard)
     workers = cfg.flow.workers if workers is None else workers
     settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
-    videos = listed_videos(paths, dataset)[shard_index::shard_count]
+    videos = listed_videos(paths, dataset, splits)[shard_index::shard_count]
     jobs, skipped = _plan(paths.workdir, dataset, videos)
     label = "extract" if shard_count == 1 else f"extract-shard-{shard_index}-of-{shard_count}"
 
@@ -241,7 +257,7 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
                 bar.update()
         skipped.sort()
         metrics = _summary(len(videos), records, skipped, time.perf_counter() - start, settings,
-                           (shard_index, shard_count), workers)
+                           (shard_index, shard_count), workers) | {"splits": list(splits)}
         report_skipped(paths.skipped_file, label, skipped, log=False)  # named live above
         write_metrics(paths.metrics_dir / f"{label}.json", metrics)
         log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -1,7 +1,9 @@
 """Stage `finetune`: supervised fine-tuning of a pre-trained encoder (VideoMAE recipe).
 
 Starts from `models/pretrain/checkpoint.pt` (or `--init`: this project's or an official VideoMAE/MME
-checkpoint), trains `build_classifier(cfg, num_classes)` on the train split with layer-wise lr decay,
+checkpoint; `--init none` / `finetune.init=scratch`: no pre-trained weights at all, the seeded random
+initialisation, written to `models/finetune_scratch/`: the from-scratch floor with the same schedule),
+trains `build_classifier(cfg, num_classes)` on the train split with layer-wise lr decay,
 drop path, mixup/cutmix + label smoothing (timm) and reports the single-view val top-1 every epoch,
 through the shared driver (`mme.engine.fit`). Writes `models/finetune/{last,checkpoint}.pt`,
 `reports/plots/finetune.csv`, `reports/metrics/finetune.json`.
@@ -28,6 +30,17 @@ from mme.paths import Paths
 from mme.utils import seed_everything
 
 STAGE = "finetune"
+SCRATCH_STAGE = "finetune_scratch"  # the from-scratch floor's models/, metrics and plots name
+SCRATCH_INITS = ("none", "scratch")  # `--init none`: train from the seeded random initialisation
+
+
+def from_scratch(cfg: Config, init: str | Path | None) -> bool:
+    """`--init none` (or `scratch`) or `finetune.init=scratch`: no pre-trained weights."""
+    return cfg.finetune.init == "scratch" or (init is not None and str(init) in SCRATCH_INITS)
+
+
+def stage_name(cfg: Config, init: str | Path | None = None) -> str:
+    return SCRATCH_STAGE if from_scratch(cfg, init) else STAGE
 
 
 class VideoMixup:
@@ -70,8 +83,8 @@ class ClassificationLoss:
 
 def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path | None = None,
         allow_partial: bool = False, **_: Any) -> dict[str, Any]:
-    """Fine-tune; with `resume`, continue from `models/finetune/last.pt` at its epoch and step; `allow_partial`
-    accepts an `init` whose encoder covers the model only in part."""
+    """Fine-tune; with `resume`, continue from `models/<stage>/last.pt` at its epoch and step; `allow_partial`
+    accepts an `init` whose encoder covers the model only in part; `init` none: from scratch."""
     from mme.datasets import VideoClsDataset
 
     with process_group() as env:
@@ -87,15 +100,17 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
         updates = updates_per_epoch(len(loader), train.accum_steps, f"finetune on {len(train_set)} clips")
         model = build_classifier(cfg, train_set.num_classes).to(env.device)
         optimizer, scheduler, total_batch = optimization(train, model, updates, env.world_size, train.layer_decay)
-        init = Path(init) if init else paths.models_dir("pretrain") / FINAL
+        scratch, name = from_scratch(cfg, init), stage_name(cfg, init)
+        init = None if scratch else Path(init) if init else paths.models_dir("pretrain") / FINAL
         plan = TrainingPlan(
-            STAGE, model, loader, optimizer, scheduler,
+            name, model, loader, optimizer, scheduler,
             ClassificationLoss(train_set.num_classes, train.mixup, train.cutmix, train.label_smoothing),
             train.epochs, updates, keys=("loss", "val_top1", "val_top5", "clips_per_s"),
             scaler=make_scaler(env.device, train.amp), accum_steps=train.accum_steps, clip_grad=train.clip_grad,
             amp=train.amp, keep={"config": cfg.to_dict(), "model_args": model_args(cfg),
                                  "num_classes": train_set.num_classes},
-            carry=(PRETRAIN_RUN_ID,), start=lambda: {PRETRAIN_RUN_ID: init_from(model, init, allow_partial)},
+            carry=(PRETRAIN_RUN_ID,),
+            start=lambda: {PRETRAIN_RUN_ID: None if scratch else init_from(model, init, allow_partial)},
             validate=lambda m: evaluate(m, val_loader, env.device, train.amp, show_progress=env.is_main),
-            params={"derived.total_batch": total_batch}, tags={"init": str(init)})
+            params={"derived.total_batch": total_batch}, tags={"init": "scratch" if scratch else str(init)})
         return train_stage(cfg, paths, env, plan, resume)

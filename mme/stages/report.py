@@ -26,7 +26,8 @@ from mme.reports import plots, tables
 from mme.utils import atomic_path, write_metrics, write_text_atomic
 
 STORAGE_ENV = "MME_OPTUNA_STORAGE"
-PIPELINE_STAGES = ("pretrain", "finetune", "probe", "evaluate")
+PIPELINE_STAGES = ("pretrain", "finetune", "probe", "evaluate", "finetune_scratch", "probe_random", "evaluate_scratch")
+FROZEN_METRICS = ("probe_top1", "attentive_top1")  # charted beside a fine-tune objective when measured
 
 
 def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[str, Any]:
@@ -50,24 +51,43 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
         if not group:
             continue
         rows = pd.concat([t.rows for t in group], ignore_index=True)
-        _write_table(paths, study.file, rows, study.objective, f"{study.title} (Table {study.table})")
+        chance = chance_top1(paths, group[0].dataset)
+        _write_table(paths, study.file, rows, study.objective, f"{study.title} (Table {study.table})", chance,
+                     group[0].reference)
         sections.append(_readme_section(study, group, paths))
         summary["tables"].append(f"tables/{study.file}.csv")
         summary["trials"][study.file] = sum(t.trials_counted for t in group)
     summary["trials_total"] = sum(summary["trials"].values())
-    write_text_atomic(paths.reports / "README.md", _readme(redact(url), sections))
+    write_text_atomic(paths.reports / "README.md", _readme(redact(url), [_baselines_section(paths), *sections]))
     write_metrics(paths.metrics_dir / "report.json", summary)
     return summary
 
 
-def _write_table(paths: Paths, file: str, rows: pd.DataFrame, objective: str, title: str) -> None:
+def _write_table(paths: Paths, file: str, rows: pd.DataFrame, objective: str, title: str,
+                 chance: float | None = None, reference: str | None = None) -> None:
+    """csv, markdown and charts of one table; the charts draw chance, the floor row's line and the CIs."""
     with atomic_path(paths.tables_dir / f"{file}.csv") as tmp:
         rows.to_csv(tmp, index=False, float_format="%.4f")
     markdown = "\n".join(tables.to_markdown(part, objective) for _, part in rows.groupby("optuna_study", sort=False))
     write_text_atomic(paths.tables_dir / f"{file}.md", f"# {title}\n\n{markdown}")
-    plots.bar_chart(rows, objective, title, paths.figures_dir / f"{file}.png")
-    if objective != "probe_top1":  # short trials: the linear probe often separates settings the fine-tune cannot
-        plots.bar_chart(rows, "probe_top1", f"{title} (linear probe)", paths.figures_dir / f"{file}_probe.png")
+    plots.bar_chart(rows, objective, title, paths.figures_dir / f"{file}.png", chance, reference)
+    for metric in _frozen_charts(rows, objective):
+        name = "linear probe" if metric == "probe_top1" else "attentive probe"
+        suffix = "probe" if metric == "probe_top1" else "attentive"
+        plots.bar_chart(rows, metric, f"{title} ({name})", paths.figures_dir / f"{file}_{suffix}.png", chance,
+                        reference)
+
+
+def _frozen_charts(rows: pd.DataFrame, objective: str) -> list[str]:
+    """The frozen-probe metrics charted beside the objective: the linear probe always (short trials: it
+    often separates settings the fine-tune cannot), the attentive probe where a trial measured it."""
+    return [m for m in FROZEN_METRICS if m != objective and (m == "probe_top1" or _measured(rows, m))]
+
+
+def _measured(rows: pd.DataFrame, metric: str) -> bool:
+    """Some row has a mean of `metric` (trials stored it)."""
+    column = f"{metric}_mean"
+    return column in rows and bool(rows[column].notna().any())
 
 
 def chance_top1(paths: Paths, dataset: str) -> float | None:
@@ -82,11 +102,16 @@ def _readme_section(study: Any, group: list[tables.StudyTable], paths: Paths) ->
     lines = [f"## Table {study.table}: {study.title}", "",
              f"[csv](tables/{study.file}.csv) · [markdown](tables/{study.file}.md) · "
              f"[chart](figures/{study.file}.png)"
-             + ("" if study.objective == "probe_top1" else f" · [probe chart](figures/{study.file}_probe.png)"), ""]
+             + ("" if study.objective == "probe_top1" else f" · [probe chart](figures/{study.file}_probe.png)")
+             + (f" · [attentive chart](figures/{study.file}_attentive.png)"
+                if any(_measured(t.rows, "attentive_top1") for t in group) else ""), ""]
     for table in group:
-        for metric in dict.fromkeys((study.objective, "probe_top1")):  # the objective, then the linear probe
+        for metric in dict.fromkeys((study.objective, *FROZEN_METRICS)):  # the objective, then the probes
+            if metric == "attentive_top1" and not _measured(table.rows, metric):
+                continue
             chance = chance_top1(paths, table.dataset)
             lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric), chance)}")
+            lines.append(f"- {tables.verdict_text(table, metric)}")
         budget = ", ".join(f"`{item}`" for item in table.budget) or f"the `{table.preset}` preset's own epochs"
         lines.append(f"- Trial budget of `{table.optuna_study}`: {budget}.")
     if study.notes:
@@ -108,6 +133,34 @@ def _readme(url: str, sections: list[str]) -> str:
         "of settings do. For each table: is the best setting the same, and how do the two orderings "
         "rank-correlate (Spearman, over the settings that have both numbers)?\n")
     return head + "\n" + "\n".join(sections)
+
+
+BASELINE_ROWS = (("linear probe", "probe_top1", "random_init_probe_top1", "probe"),
+                 ("attentive probe", "attentive_probe_top1", "random_init_attentive_probe_top1", "attentive_probe"),
+                 ("fine-tune (multi-view test)", "finetune_top1", "scratch_finetune_top1", "finetune"))
+
+
+def _baselines_section(paths: Paths) -> str:
+    """The pipeline's pre-trained numbers beside the floors (reports/metrics/baselines.json), if measured."""
+    import json
+
+    path = paths.metrics_dir / "baselines.json"
+    if not path.is_file():
+        return "## The pipeline beside its floors\n\nNot measured yet: run `dvc repro` (stage `baselines`).\n"
+    data = json.loads(path.read_text())
+    lines = ["## The pipeline beside its floors (test split, top-1 %)", "",
+             "| evaluation | pre-trained | floor (random init / from scratch) | paired Δ [95 % CI] |",
+             "|---|---|---|---|"]
+    for name, mine, floor, delta in BASELINE_ROWS:
+        low, high = data.get(f"{delta}_delta_low"), data.get(f"{delta}_delta_high")
+        ci = "–" if data.get(f"{delta}_delta") is None else (f"{data[f'{delta}_delta']:+.1f} "
+                                                              f"[{low:+.1f}, {high:+.1f}]")
+        lines.append(f"| {name} | {_num(data.get(mine), 1)} | {_num(data.get(floor), 1)} | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def pipeline_metrics(paths: Paths) -> dict[str, Any]:
