@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import cv2
@@ -44,7 +45,9 @@ HOF_BINS = 9  # signed flow-direction bins (plus the zero bin)
 HOF_MIN_FLOW = 0.4  # px per frame below which a pixel votes for HOF's zero bin
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB2GRAY (used by the flow extractor)
 CHUNK_PIXELS = 150_000  # pixels processed together (12 frames of 112 x 112): the per-pixel arrays stay in cache
-
+# The compiled CPU kernels (`compiled_kernels`): on unless MME_COMPILED_KERNELS=0; tests switch this flag to
+# check the torch path against them.
+COMPILED_KERNELS = os.environ.get("MME_COMPILED_KERNELS", "1") != "0"
 
 
 def to_gray(frames: torch.Tensor) -> torch.Tensor:
@@ -170,13 +173,9 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
 
     The window [c - cell/2, c + cell/2] covers the pixel centres first .. first+cell of each axis, the two edge
     rows and columns only partly (area weights 1 - frac and frac): each pixel's two votes are weighted by its
-    area inside the window and summed into its bins. This touches about as many pixels as the frames hold
-    (the windows of the tracked points nearly tile each frame), whereas box-filtering per-bin vote maps (the
-    same values: the window is a bilinear blend of four integer-position box sums) writes and filters `bins`
-    planes per pixel: for 48 frames of 112 x 112 the vote maps and their separable box sums alone took 17 ms
-    on one CPU core, this whole function 10 ms (a 64-tap average pool instead: 130 ms). On CPU the frames
-    asked for are worked through in chunks of about `CHUNK_PIXELS` pixels, so that the per-pixel tables a
-    chunk gathers from stay in cache; on other devices in one pass. Points already ordered by frame (as
+    area inside the window and summed into its bins. Two backends of this one definition: on CPU a compiled
+    loop over points and window pixels (`mme.motion._kernels`, when numba is installed and
+    `COMPILED_KERNELS` is on), elsewhere `_torch_window_sums`. Points already ordered by frame (as
     `track_tokens` asks) skip the sort.
     """
     frame = torch.as_tensor(frame, dtype=torch.long, device=gray.device).reshape(-1)
@@ -189,7 +188,56 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
     first = corner.floor()
     frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
     first = first.long()
-    periods = torch.zeros(len(points), 3 * bins + 1, device=gray.device)  # see `_window_votes`
+    kernels = compiled_kernels() if gray.device.type == "cpu" else None
+    if kernels is not None:
+        sums = _compiled_window_sums(kernels, gray, frame, first, frac, cell, bins)
+    else:
+        sums = _torch_window_sums(gray, frame, first, frac, cell, bins)
+    hist = l2_normalize(sums / (cell * cell))
+    if order is None:
+        return hist
+    out = torch.empty_like(hist)
+    out[order] = hist
+    return out
+
+
+def compiled_kernels():
+    """`mme.motion._kernels` when `COMPILED_KERNELS` is on and numba imports, else None (the torch path)."""
+    return _import_kernels() if COMPILED_KERNELS else None
+
+
+@functools.cache
+def _import_kernels():
+    try:
+        from mme.motion import _kernels
+    except ImportError:  # numba missing or incompatible with the installed numpy: the torch path serves
+        return None
+    return _kernels
+
+
+def _compiled_window_sums(kernels, gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor,
+                          frac: torch.Tensor, cell: int, bins: int) -> torch.Tensor:
+    """The window vote sums (P, bins) of points sorted by frame, by the compiled CPU kernel."""
+    used, counts = torch.unique_consecutive(frame, return_counts=True)
+    bounds = torch.zeros(len(used) + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=bounds[1:])
+    sums = torch.empty(len(frame), bins)
+    kernels.window_histograms(gray.detach().float().contiguous().numpy(), used.numpy(), bounds.numpy(),
+                              first.contiguous().numpy(), frac.contiguous().numpy(), cell, bins, sums.numpy())
+    return sums
+
+
+def _torch_window_sums(gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor, frac: torch.Tensor,
+                       cell: int, bins: int) -> torch.Tensor:
+    """The window vote sums (P, bins) of points sorted by frame, in torch (any device).
+
+    Gathers each window's pixels from per-pixel tables and scatters their votes: this touches about as many
+    pixels as the frames hold (the windows of the tracked points nearly tile each frame), whereas box-filtering
+    per-bin vote maps (the same values: the window is a bilinear blend of four integer-position box sums)
+    writes and filters `bins` planes per pixel. On CPU the frames asked for are worked through in chunks of
+    about `CHUNK_PIXELS` pixels, so that the tables a chunk gathers from stay in cache; elsewhere in one pass.
+    """
+    periods = torch.zeros(len(frame), 3 * bins + 1, device=gray.device)  # see `_window_votes`
     used = torch.unique_consecutive(frame)
     frames_per_chunk = len(gray)
     if gray.device.type == "cpu":
@@ -205,14 +253,9 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
         else:
             images, local = gray[chunk], torch.searchsorted(chunk, frame[start:stop])
         _window_votes(images, local, first[start:stop], frac[start:stop], periods[start:stop], cell, bins)
-    hist = periods[:, :bins] + periods[:, bins:2 * bins] + periods[:, 2 * bins:3 * bins]
-    hist[:, 0] += periods[:, 3 * bins]
-    hist = l2_normalize(hist / (cell * cell))
-    if order is None:
-        return hist
-    out = torch.empty_like(hist)
-    out[order] = hist
-    return out
+    sums = periods[:, :bins] + periods[:, bins:2 * bins] + periods[:, 2 * bins:3 * bins]
+    sums[:, 0] += periods[:, 3 * bins]
+    return sums
 
 
 def _window_votes(gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor, frac: torch.Tensor,
