@@ -109,3 +109,58 @@ def window_histograms(gray, used, bounds, first, frac, cell, bins, out):
             out[p, 0] = hist[0] + hist[bins]
             for b in range(1, bins):
                 out[p, b] = hist[b]
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+def track(flow, points, start, end, steps, step, tracks, valid):
+    """`mme.motion.tracking.track_points` after its median filter (the same float32 ops, in the same order).
+
+    Args:
+        flow: float32 (S, H, W, 2). points: float32 (P, 2). start, end: int64 (P,) the first flow pair of each
+        point and the end (exclusive) of its flow. tracks: float32 (P, steps + 1, 2), valid: bool (P,), outputs.
+
+    Step by step over all points, not point by point: the flow reads of one step are independent, so their
+    cache misses overlap instead of waiting on each other.
+    """
+    num_pairs, height, width, _ = flow.shape
+    upper_x, upper_y = _F(width - 1), _F(height - 1)
+    for p in range(len(points)):
+        x, y = points[p, 0], points[p, 1]
+        valid[p] = _inside(x, y, upper_x, upper_y) and start[p] + steps * step - 1 < end[p]
+        tracks[p, 0, 0], tracks[p, 0, 1] = min(max(x, _F(0)), upper_x), min(max(y, _F(0)), upper_y)
+    for t in range(steps):
+        for p in range(len(points)):
+            x, y = tracks[p, t, 0], tracks[p, t, 1]
+            inside = valid[p]
+            for u in range(step):
+                frame = start[p] + t * step + u
+                if num_pairs and frame < end[p]:
+                    dx, dy = _sample(flow[min(frame, num_pairs - 1)], x, y)
+                    x, y = x + dx, y + dy
+                inside = inside and _inside(x, y, upper_x, upper_y)
+                x, y = min(max(x, _F(0)), upper_x), min(max(y, _F(0)), upper_y)
+            tracks[p, t + 1, 0], tracks[p, t + 1, 1] = x, y
+            valid[p] = inside
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+def _inside(x, y, upper_x, upper_y):
+    return _F(0) <= x <= upper_x and _F(0) <= y <= upper_y
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+def _sample(field, x, y):
+    """The (dx, dy) of a (H, W, 2) field at (x, y), bilinear between pixel centres
+    (`mme.motion.tracking.sample_flow`: the first corner clamped to the last full cell; along x, then y)."""
+    height, width = field.shape[:2]
+    x0 = min(max(np.floor(x), _F(0)), _F(max(width - 2, 0)))
+    y0 = min(max(np.floor(y), _F(0)), _F(max(height - 2, 0)))
+    fx, fy = x - x0, y - y0
+    i, j = int(x0), int(y0)
+    ii, jj = i + (1 if width > 1 else 0), j + (1 if height > 1 else 0)
+    left, right = _F(1) - fx, fx
+    top_x = field[j, i, 0] * left + field[j, ii, 0] * right
+    top_y = field[j, i, 1] * left + field[j, ii, 1] * right
+    bottom_x = field[jj, i, 0] * left + field[jj, ii, 0] * right
+    bottom_y = field[jj, i, 1] * left + field[jj, ii, 1] * right
+    return top_x * (_F(1) - fy) + bottom_x * fy, top_y * (_F(1) - fy) + bottom_y * fy

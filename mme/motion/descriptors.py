@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import threading
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -39,15 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from mme.config import HOG_BINS, HOG_CELL
+from mme.motion.backends import compiled_kernels
 
 HOG_EPS = 1e-5  # L2 normalisation eps (as scikit-image's L2 block norm)
 HOF_BINS = 9  # signed flow-direction bins (plus the zero bin)
 HOF_MIN_FLOW = 0.4  # px per frame below which a pixel votes for HOF's zero bin
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB2GRAY (used by the flow extractor)
 CHUNK_PIXELS = 150_000  # pixels processed together (12 frames of 112 x 112): the per-pixel arrays stay in cache
-# The compiled CPU kernels (`compiled_kernels`): on unless MME_COMPILED_KERNELS=0; tests switch this flag to
-# check the torch path against them.
-COMPILED_KERNELS = os.environ.get("MME_COMPILED_KERNELS", "1") != "0"
 
 
 def to_gray(frames: torch.Tensor) -> torch.Tensor:
@@ -173,10 +171,9 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
 
     The window [c - cell/2, c + cell/2] covers the pixel centres first .. first+cell of each axis, the two edge
     rows and columns only partly (area weights 1 - frac and frac): each pixel's two votes are weighted by its
-    area inside the window and summed into its bins. Two backends of this one definition: on CPU a compiled
-    loop over points and window pixels (`mme.motion._kernels`, when numba is installed and
-    `COMPILED_KERNELS` is on), elsewhere `_torch_window_sums`. Points already ordered by frame (as
-    `track_tokens` asks) skip the sort.
+    area inside the window and summed into its bins. Two backends of this one definition (`mme.motion.backends`):
+    on CPU a compiled loop over points and window pixels, elsewhere `_torch_window_sums`. Points already
+    ordered by frame (as `track_tokens` asks) skip the sort.
     """
     frame = torch.as_tensor(frame, dtype=torch.long, device=gray.device).reshape(-1)
     points = points.float()
@@ -188,7 +185,7 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
     first = corner.floor()
     frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
     first = first.long()
-    kernels = compiled_kernels() if gray.device.type == "cpu" else None
+    kernels = compiled_kernels(gray)
     if kernels is not None:
         sums = _compiled_window_sums(kernels, gray, frame, first, frac, cell, bins)
     else:
@@ -201,21 +198,7 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
     return out
 
 
-def compiled_kernels():
-    """`mme.motion._kernels` when `COMPILED_KERNELS` is on and numba imports, else None (the torch path)."""
-    return _import_kernels() if COMPILED_KERNELS else None
-
-
-@functools.cache
-def _import_kernels():
-    try:
-        from mme.motion import _kernels
-    except ImportError:  # numba missing or incompatible with the installed numpy: the torch path serves
-        return None
-    return _kernels
-
-
-def _compiled_window_sums(kernels, gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor,
+def _compiled_window_sums(kernels: ModuleType, gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor,
                           frac: torch.Tensor, cell: int, bins: int) -> torch.Tensor:
     """The window vote sums (P, bins) of points sorted by frame, by the compiled CPU kernel."""
     used, counts = torch.unique_consecutive(frame, return_counts=True)
