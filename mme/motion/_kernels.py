@@ -87,28 +87,36 @@ def window_histograms(gray, used, bounds, first, frac, cell, bins, out):
     lower_vote = np.empty((height, width), np.float32)
     upper_vote = np.empty((height, width), np.float32)
     gx, gy = np.empty(width, np.float32), np.empty(width, np.float32)
-    # Flat views and unsigned bin indices: no negative-index wrap-around in the innermost loop.
+    # Flat views and unsigned indices: no negative-index wrap-around in the innermost loop.
     lower_flat, lower_flat_vote, upper_flat_vote = lower.ravel(), lower_vote.ravel(), upper_vote.ravel()
-    column_weight = np.ones(span, np.float32)
-    hist = np.zeros(bins + 1, np.float32)  # entry `bins`: the next bin of the last one, folded into 0
+    column_weight = np.ones(span, np.float32)  # of the window's columns inside the image, from the first
+    # Neighbouring pixels mostly vote for the same bins, so each add would wait on the previous one through
+    # memory: even and odd columns add into two histograms. Entry `bins` of each is the next bin of the last
+    # one (bin 0).
+    stride = np.uintp(bins + 1)
+    hist = np.zeros(2 * (bins + 1), np.float32)
     for u in range(len(used)):
         _frame_tables(gray[used[u]], bins, gx, gy, lower, lower_vote, upper_vote)
         for p in range(bounds[u], bounds[u + 1]):
             x0, y0 = first[p, 0], first[p, 1]
-            column_weight[0], column_weight[cell] = _F(1) - frac[p, 0], frac[p, 0]
-            hist[:] = 0
             column_start, column_stop = max(0, -x0), min(span, width - x0)
+            for c in range(column_start, column_stop):
+                weight = _F(1) - frac[p, 0] if c == 0 else (frac[p, 0] if c == cell else _F(1))
+                column_weight[c - column_start] = weight
+            columns = column_stop - column_start
+            hist[:] = 0
             for r in range(max(0, -y0), min(span, height - y0)):
                 row_weight = _F(1) - frac[p, 1] if r == 0 else (frac[p, 1] if r == cell else _F(1))
-                row = (y0 + r) * width + x0
-                for c in range(column_start, column_stop):
+                row = np.uintp((y0 + r) * width + x0 + column_start)
+                for k in range(columns):
+                    i, c = row + np.uintp(k), np.uintp(k)
                     weight = row_weight * column_weight[c]
-                    b = np.uintp(lower_flat[row + c])
-                    hist[b] += lower_flat_vote[row + c] * weight
-                    hist[b + np.uintp(1)] += upper_flat_vote[row + c] * weight
-            out[p, 0] = hist[0] + hist[bins]
+                    b = np.uintp(lower_flat[i]) + (c & np.uintp(1)) * stride
+                    hist[b] += lower_flat_vote[i] * weight
+                    hist[b + np.uintp(1)] += upper_flat_vote[i] * weight
+            out[p, 0] = (hist[0] + hist[bins + 1]) + (hist[bins] + hist[2 * bins + 1])
             for b in range(1, bins):
-                out[p, b] = hist[b]
+                out[p, b] = hist[b] + hist[bins + 1 + b]
 
 
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
