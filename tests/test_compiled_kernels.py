@@ -125,3 +125,9 @@ def test_the_environment_switches_the_kernels_off():
         env = dict(os.environ, MME_COMPILED_KERNELS=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == off
+
+
+def test_hog_at_points_rejects_frames_outside_the_images():
+    gray = frames(2, 16, 16, seed=0)
+    with pytest.raises(ValueError, match=r"frame indices must lie in \[0, 2\)"):
+        hog_at_points(gray, torch.tensor([0, 2]), torch.tensor([[4.0, 4.0], [5.0, 5.0]]))

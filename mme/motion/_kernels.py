@@ -1,10 +1,10 @@
-"""Compiled CPU kernels (numba) for the per-point loops of `mme.motion.descriptors`.
+"""Compiled CPU kernels (numba) for the per-point loops of `mme.motion`.
 
-Owns `window_histograms`, the CPU backend of `hog_at_points`: the same definition as the torch path (module
-docstring of `mme.motion.descriptors`), written as loops over points and window pixels, so that no per-pixel
-index tables are gathered and scattered. Importing this module imports numba (imported lazily by the
-descriptors, on the first CPU call); `cache=True` stores the compiled code beside this file, so only the
-first process on a machine pays the compile.
+Owns the CPU backends of `mme.motion.descriptors.hog_at_points` and `mme.motion.tracking.track_points`: the
+definitions of those modules, written as loops over points (and window pixels), so that no per-pixel index
+tables are gathered and scattered. Importing this module imports numba (`mme.motion.backends` does it on the
+first CPU call); `cache=True` stores the compiled code beside this file, so that only the first process on a
+machine compiles.
 
 The orientation is computed here with a float32 arctangent (Cephes' `atanf`: range reduction to
 |t| <= tan(pi/8) and a degree-9 odd polynomial, within 2 float32 ulps of atan), not torch's: one pass over
@@ -69,54 +69,71 @@ def _frame_tables(image, bins, gx, gy, lower, lower_vote, upper_vote):
 
 
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
-def window_histograms(gray, used, bounds, first, frac, cell, bins, out):
-    """Area-weighted vote sums of each point's (cell + 1)^2-pixel window, before any normalisation.
+def hog_at_points(gray, frame, points, cell, bins, eps, out):
+    """`mme.motion.descriptors.hog_at_points` of points sorted by frame (the same float32 window geometry).
 
     Args:
-        gray: float32 (N, H, W) images. used: int64 (U,) the frames read, in the order of the points;
-        bounds: int64 (U + 1,) points bounds[u] .. bounds[u + 1] - 1 lie on frame used[u].
-        first: int64 (P, 2) (x, y) of each window's first pixel; frac: float32 (P, 2) the area share of its last
-        column / row (the first has 1 - frac, the rest 1); pixels outside the image count 0.
-        out: float32 (P, bins), overwritten with the sums.
+        gray: float32 (N, H, W) images. frame: int64 (P,) sorted; points: float32 (P, 2) (x, y).
+        out: float32 (P, bins), overwritten with the L2-normalised histograms.
 
-    Each frame's tables are built just before its points read them, so they stay in cache.
+    Each frame's per-pixel tables are built when its first point comes, so they stay in cache while its
+    points read them.
     """
     _, height, width = gray.shape
-    span = cell + 1
     lower = np.empty((height, width), np.int32)
     lower_vote = np.empty((height, width), np.float32)
     upper_vote = np.empty((height, width), np.float32)
     gx, gy = np.empty(width, np.float32), np.empty(width, np.float32)
-    # Flat views and unsigned indices: no negative-index wrap-around in the innermost loop.
+    column_weight, hist = np.empty(cell + 1, np.float32), np.empty(2 * (bins + 1), np.float32)
+    # Flat views for `_window_sums` (unsigned flat indices: no negative-index wrap-around in its inner loop).
     lower_flat, lower_flat_vote, upper_flat_vote = lower.ravel(), lower_vote.ravel(), upper_vote.ravel()
-    column_weight = np.ones(span, np.float32)  # of the window's columns inside the image, from the first
+    offset, area, eps2 = _F((cell - 1) / 2), _F(cell * cell), _F(eps) * _F(eps)
+    current = -1
+    for p in range(len(frame)):
+        if frame[p] != current:
+            current = frame[p]
+            _frame_tables(gray[current], bins, gx, gy, lower, lower_vote, upper_vote)
+        x, y = points[p, 0] - offset, points[p, 1] - offset  # the window's corner
+        x0, y0 = np.floor(x), np.floor(y)
+        _window_sums(lower_flat, lower_flat_vote, upper_flat_vote, height, width, int(x0), int(y0), x - x0,
+                     y - y0, cell, bins, column_weight, hist, out, p)
+        squares = _F(0)
+        for b in range(bins):
+            out[p, b] = out[p, b] / area
+            squares += out[p, b] * out[p, b]
+        norm = np.sqrt(squares + eps2)
+        for b in range(bins):
+            out[p, b] = out[p, b] / norm
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")
+def _window_sums(lower, lower_vote, upper_vote, height, width, x0, y0, frac_x, frac_y, cell, bins, column_weight,
+                 hist, out, p):
+    """The area-weighted vote sums of the (cell + 1)^2 pixels from (x0, y0) of flat (H * W) tables into
+    out[p] (bins,): the first column / row has weight 1 - frac, the last frac, the rest 1; pixels outside the
+    image count 0. column_weight (cell + 1,), hist (2 (bins + 1),): scratch. Inlined by numba: a call per
+    point would cost more than its window (reference counts of every array argument)."""
+    span = cell + 1
+    column_start, column_stop = max(0, -x0), min(span, width - x0)
+    for c in range(column_start, column_stop):  # the weights of the columns inside the image, from the first
+        column_weight[c - column_start] = _F(1) - frac_x if c == 0 else (frac_x if c == cell else _F(1))
     # Neighbouring pixels mostly vote for the same bins, so each add would wait on the previous one through
     # memory: even and odd columns add into two histograms. Entry `bins` of each is the next bin of the last
     # one (bin 0).
     stride = np.uintp(bins + 1)
-    hist = np.zeros(2 * (bins + 1), np.float32)
-    for u in range(len(used)):
-        _frame_tables(gray[used[u]], bins, gx, gy, lower, lower_vote, upper_vote)
-        for p in range(bounds[u], bounds[u + 1]):
-            x0, y0 = first[p, 0], first[p, 1]
-            column_start, column_stop = max(0, -x0), min(span, width - x0)
-            for c in range(column_start, column_stop):
-                weight = _F(1) - frac[p, 0] if c == 0 else (frac[p, 0] if c == cell else _F(1))
-                column_weight[c - column_start] = weight
-            columns = column_stop - column_start
-            hist[:] = 0
-            for r in range(max(0, -y0), min(span, height - y0)):
-                row_weight = _F(1) - frac[p, 1] if r == 0 else (frac[p, 1] if r == cell else _F(1))
-                row = np.uintp((y0 + r) * width + x0 + column_start)
-                for k in range(columns):
-                    i, c = row + np.uintp(k), np.uintp(k)
-                    weight = row_weight * column_weight[c]
-                    b = np.uintp(lower_flat[i]) + (c & np.uintp(1)) * stride
-                    hist[b] += lower_flat_vote[i] * weight
-                    hist[b + np.uintp(1)] += upper_flat_vote[i] * weight
-            out[p, 0] = (hist[0] + hist[bins + 1]) + (hist[bins] + hist[2 * bins + 1])
-            for b in range(1, bins):
-                out[p, b] = hist[b] + hist[bins + 1 + b]
+    hist[:] = 0
+    for r in range(max(0, -y0), min(span, height - y0)):
+        row_weight = _F(1) - frac_y if r == 0 else (frac_y if r == cell else _F(1))
+        row = np.uintp((y0 + r) * width + x0 + column_start)
+        for k in range(column_stop - column_start):
+            i, c = row + np.uintp(k), np.uintp(k)
+            weight = row_weight * column_weight[c]
+            b = np.uintp(lower[i]) + (c & np.uintp(1)) * stride
+            hist[b] += lower_vote[i] * weight
+            hist[b + np.uintp(1)] += upper_vote[i] * weight
+    out[p, 0] = (hist[0] + hist[bins + 1]) + (hist[bins] + hist[2 * bins + 1])
+    for b in range(1, bins):
+        out[p, b] = hist[b] + hist[bins + 1 + b]
 
 
 @njit(cache=True, nogil=True, fastmath=False, error_model="numpy")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from types import ModuleType
 
 import cv2
 import numpy as np
@@ -181,33 +180,25 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
     if len(frame) > 1 and not bool((frame[1:] >= frame[:-1]).all()):
         order = torch.argsort(frame, stable=True)
         frame, points = frame[order], points[order]
-    corner = points - (cell - 1) / 2
-    first = corner.floor()
-    frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
-    first = first.long()
+    if len(frame) and not 0 <= int(frame[0]) <= int(frame[-1]) < len(gray):  # sorted: the ends bound it
+        raise ValueError(f"hog_at_points: frame indices must lie in [0, {len(gray)}) (the images given), got "
+                         f"{int(frame.min())}..{int(frame.max())}")
     kernels = compiled_kernels(gray)
     if kernels is not None:
-        sums = _compiled_window_sums(kernels, gray, frame, first, frac, cell, bins)
+        hist = torch.empty(len(frame), bins)
+        kernels.hog_at_points(gray.detach().float().contiguous().numpy(), frame.contiguous().numpy(),
+                              points.detach().contiguous().numpy(), cell, bins, HOG_EPS, hist.numpy())
     else:
-        sums = _torch_window_sums(gray, frame, first, frac, cell, bins)
-    hist = l2_normalize(sums / (cell * cell))
+        corner = points - (cell - 1) / 2
+        first = corner.floor()
+        frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
+        sums = _torch_window_sums(gray, frame, first.long(), frac, cell, bins)
+        hist = l2_normalize(sums / (cell * cell))
     if order is None:
         return hist
     out = torch.empty_like(hist)
     out[order] = hist
     return out
-
-
-def _compiled_window_sums(kernels: ModuleType, gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor,
-                          frac: torch.Tensor, cell: int, bins: int) -> torch.Tensor:
-    """The window vote sums (P, bins) of points sorted by frame, by the compiled CPU kernel."""
-    used, counts = torch.unique_consecutive(frame, return_counts=True)
-    bounds = torch.zeros(len(used) + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=bounds[1:])
-    sums = torch.empty(len(frame), bins)
-    kernels.window_histograms(gray.detach().float().contiguous().numpy(), used.numpy(), bounds.numpy(),
-                              first.contiguous().numpy(), frac.contiguous().numpy(), cell, bins, sums.numpy())
-    return sums
 
 
 def _torch_window_sums(gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor, frac: torch.Tensor,
