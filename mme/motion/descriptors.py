@@ -1,4 +1,5 @@
-"""Local motion and appearance descriptors, batched in torch: HOG, HOF, MBH, pooled flow.
+"""Local motion and appearance descriptors, batched in torch: HOG, HOF, MBH, pooled flow (`hog_at_points` on CPU
+tensors by a compiled kernel of the same definition, see `mme.motion.backends`).
 
 Generic image/flow operations with no knowledge of tokens or targets.
 
