@@ -7,6 +7,10 @@ Measures, on generated mini motion videos (16 x 112 x 112 clips, stride 3, K=4, 
   training step does) side by side with one `build` per clip of the same clips, in the same run: ms per
   clip of each path and their ratio, at 112 x 112 for every kind and at 224 x 224 (`--sizes`) for `traj`
   (the stacking into a batch, `TargetBatch.collate`, is timed apart: the DataLoader's collate does it);
+  for `traj` also the batched path with the compiled CPU kernels off (`mme.motion.backends`, the torch path)
+  and the ratio of the two;
+- the compiled kernels' first call in a fresh process: with an empty numba cache (the compile, as on a fresh
+  CI machine) and again with the cache it left (every later process);
 - the whole `PretrainDataset.__getitem__` (decode + flow-cache read + crop/resize/flip of frames and flow +
   targets + mask + normalisation), with its parts timed separately.
 
@@ -27,6 +31,8 @@ import contextlib
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import mme.datasets.clips as datasets_module
+import mme.motion.backends as backends
 from mme.config import SyntheticConfig, load_config
 from mme.data.lists import relative_to_workdir, write_list
 from mme.data.synthetic import generate
@@ -130,17 +137,59 @@ def time_batched(workdir: Path, kind: str, size: int, batch: int, repeats: int) 
         spec.build_batch(TargetBatch(stacked.frames, stacked.offsets, stacked.flow, stacked.flow_pairs), cfg)
 
     rounds = max(1, repeats // 4)
-    alone, together = [], []
+    alone, together, torch_path = [], [], []
     for _ in range(2):  # interleaved, so that a change of machine load hits both paths
         alone += cpu_times(per_clip, rounds)
         together += cpu_times(batched, rounds)
+        if kind == "traj":
+            torch_path += torch_path_times(batched, rounds)
     collate = cpu_times(lambda: TargetBatch.collate(items), rounds)
     per_clip_ms = {"min": min(alone) * 1e3 / batch, "median": statistics.median(alone) * 1e3 / batch}
     batch_ms = {"min": min(together) * 1e3 / batch, "median": statistics.median(together) * 1e3 / batch}
-    return {"size": size, "batch": batch, "per_clip_cpu_ms": {k: round(v, 2) for k, v in per_clip_ms.items()},
-            "batched_cpu_ms_per_clip": {k: round(v, 2) for k, v in batch_ms.items()},
-            "speedup_min": round(per_clip_ms["min"] / batch_ms["min"], 2),
-            "collate_cpu_ms_per_clip": round(min(collate) * 1e3 / batch, 2)}
+    row = {"size": size, "batch": batch, "per_clip_cpu_ms": {k: round(v, 2) for k, v in per_clip_ms.items()},
+           "batched_cpu_ms_per_clip": {k: round(v, 2) for k, v in batch_ms.items()},
+           "speedup_min": round(per_clip_ms["min"] / batch_ms["min"], 2),
+           "collate_cpu_ms_per_clip": round(min(collate) * 1e3 / batch, 2)}
+    if torch_path:
+        torch_ms = min(torch_path) * 1e3 / batch
+        row |= {"batched_torch_path_cpu_ms_per_clip_min": round(torch_ms, 2),
+                "kernel_speedup_min": round(torch_ms / batch_ms["min"], 2)}
+    return row
+
+
+def torch_path_times(function, repeats: int) -> list[float]:
+    """`cpu_times` with the compiled CPU kernels off (the torch path of `mme.motion`)."""
+    backends.COMPILED_KERNELS = False
+    try:
+        return cpu_times(function, repeats)
+    finally:
+        backends.COMPILED_KERNELS = True
+
+
+FIRST_CALL = """
+import time, torch
+start = time.perf_counter()
+from mme.motion import _kernels
+from mme.motion.descriptors import hog_at_points
+from mme.motion.tracking import track_points
+imported = time.perf_counter()
+hog_at_points(torch.rand(2, 32, 32), torch.tensor([0, 1]), torch.tensor([[3.5, 4.0], [20.2, 31.0]]))
+track_points(torch.rand(2, 32, 32, 2), torch.tensor([[3.5, 4.0]]), torch.tensor([0]), 2)
+print(imported - start, time.perf_counter() - imported)
+"""
+
+
+def first_call_seconds() -> dict[str, float]:
+    """Seconds to import numba + the kernels and to run their first call, in fresh processes: with an empty
+    numba cache (compile) and then with the cache that run wrote."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, MME_COMPILED_KERNELS="1")
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, check=True, capture_output=True,
+                                 text=True).stdout.split()
+            runs.append([round(float(x), 2) for x in out])
+    return {"import_s": runs[0][0], "compile_first_call_s": runs[0][1], "cached_first_call_s": runs[1][1]}
 
 
 @contextlib.contextmanager
@@ -216,6 +265,7 @@ def main() -> None:
                     for size in args.sizes[1:] if "traj" in args.kinds]
         getitem = time_getitem(workdir, max(1, args.repeats // 4))
         load_after = os.getloadavg()
+    kernels = first_call_seconds()
     cfg = load_config("mini")
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores_visible": os.cpu_count(),
@@ -226,6 +276,7 @@ def main() -> None:
                  "interpolate": cfg.target.interpolate, "flow_backend": cfg.flow.backend},
         "build_ms": build,
         "batched": batched,
+        "compiled_kernels": kernels,
         "budget_ms": BUDGET_MS,
         "traj_batched_within_budget": next((row["batched_cpu_ms_per_clip"]["min"] <= BUDGET_MS for row in batched
                                             if row["kind"] == "traj" and row["size"] == 112), None),
@@ -247,6 +298,12 @@ def print_table(results: dict) -> None:
         print(f"  {row['kind']:14s} {row['size']}px B={row['batch']}: per clip {alone['min']:7.2f} min "
               f"{alone['median']:7.2f} median | batched {together['min']:7.2f} min {together['median']:7.2f} "
               f"median | x{row['speedup_min']} | collate {row['collate_cpu_ms_per_clip']}")
+        if "kernel_speedup_min" in row:
+            print(f"  {'':14s} torch path (kernels off) {row['batched_torch_path_cpu_ms_per_clip_min']:7.2f} min"
+                  f" | kernels x{row['kernel_speedup_min']}")
+    kernels = results["compiled_kernels"]
+    print(f"compiled kernels, fresh process: import {kernels['import_s']} s, first call "
+          f"{kernels['compile_first_call_s']} s with an empty numba cache, {kernels['cached_first_call_s']} s cached")
     getitem = results["getitem_ms"]
     print(f"PretrainDataset.__getitem__ ({getitem['kind']}): wall {getitem['median_ms']:.2f} ms median | cpu "
           f"{getitem['cpu_median_ms']:.2f} median {getitem['cpu_min_ms']:.2f} min over {getitem['items']} items; "

@@ -4,6 +4,7 @@ Pinned definition (module docstring of mme.motion.descriptors): [-1, 0, 1] gradi
 unsigned orientation, 9 bins centred at 10, 30, ..., 170 degrees with linear (soft) interpolation, mean vote
 per 8x8 cell, L2 per cell with eps 1e-5. With `soft=False` it is scikit-image's hog(orientations=9,
 pixels_per_cell=(8, 8), cells_per_block=(1, 1), block_norm='L2') to within 1e-5 (float32 vs float64).
+Every test runs on both backends of `mme.motion.backends` (compiled CPU kernels and the torch path).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import mme.motion.backends as backends
 from mme.motion.descriptors import (
     HOF_BINS,
     bin_position,
@@ -27,6 +29,13 @@ from mme.motion.descriptors import (
 )
 
 TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def backend(request, monkeypatch):
+    """Run the test with the compiled CPU kernels on, then with the torch path."""
+    monkeypatch.setattr(backends, "COMPILED_KERNELS", request.param == "compiled")
+    return request.param
 
 
 def texture(height: int, width: int, seed: int = 0, blur: float = 1.2) -> np.ndarray:

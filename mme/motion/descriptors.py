@@ -1,4 +1,5 @@
-"""Local motion and appearance descriptors, batched in torch: HOG, HOF, MBH, pooled flow.
+"""Local motion and appearance descriptors, batched in torch: HOG, HOF, MBH, pooled flow (`hog_at_points` on CPU
+tensors by a compiled kernel of the same definition, see `mme.motion.backends`).
 
 Generic image/flow operations with no knowledge of tokens or targets.
 
@@ -38,13 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from mme.config import HOG_BINS, HOG_CELL
+from mme.motion.backends import compiled_kernels
 
 HOG_EPS = 1e-5  # L2 normalisation eps (as scikit-image's L2 block norm)
 HOF_BINS = 9  # signed flow-direction bins (plus the zero bin)
 HOF_MIN_FLOW = 0.4  # px per frame below which a pixel votes for HOF's zero bin
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as OpenCV's RGB2GRAY (used by the flow extractor)
 CHUNK_PIXELS = 150_000  # pixels processed together (12 frames of 112 x 112): the per-pixel arrays stay in cache
-
 
 
 def to_gray(frames: torch.Tensor) -> torch.Tensor:
@@ -170,14 +171,9 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
 
     The window [c - cell/2, c + cell/2] covers the pixel centres first .. first+cell of each axis, the two edge
     rows and columns only partly (area weights 1 - frac and frac): each pixel's two votes are weighted by its
-    area inside the window and summed into its bins. This touches about as many pixels as the frames hold
-    (the windows of the tracked points nearly tile each frame), whereas box-filtering per-bin vote maps (the
-    same values: the window is a bilinear blend of four integer-position box sums) writes and filters `bins`
-    planes per pixel: for 48 frames of 112 x 112 the vote maps and their separable box sums alone took 17 ms
-    on one CPU core, this whole function 10 ms (a 64-tap average pool instead: 130 ms). On CPU the frames
-    asked for are worked through in chunks of about `CHUNK_PIXELS` pixels, so that the per-pixel tables a
-    chunk gathers from stay in cache; on other devices in one pass. Points already ordered by frame (as
-    `track_tokens` asks) skip the sort.
+    area inside the window and summed into its bins. Two backends of this one definition (`mme.motion.backends`):
+    on CPU a compiled loop over points and window pixels, elsewhere `_torch_window_sums`. Points already
+    ordered by frame (as `track_tokens` asks) skip the sort.
     """
     frame = torch.as_tensor(frame, dtype=torch.long, device=gray.device).reshape(-1)
     points = points.float()
@@ -185,11 +181,38 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
     if len(frame) > 1 and not bool((frame[1:] >= frame[:-1]).all()):
         order = torch.argsort(frame, stable=True)
         frame, points = frame[order], points[order]
-    corner = points - (cell - 1) / 2
-    first = corner.floor()
-    frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
-    first = first.long()
-    periods = torch.zeros(len(points), 3 * bins + 1, device=gray.device)  # see `_window_votes`
+    if len(frame) and not 0 <= int(frame[0]) <= int(frame[-1]) < len(gray):  # sorted: the ends bound it
+        raise ValueError(f"hog_at_points: frame indices must lie in [0, {len(gray)}) (the images given), got "
+                         f"{int(frame.min())}..{int(frame.max())}")
+    kernels = compiled_kernels(gray)
+    if kernels is not None:
+        hist = torch.empty(len(frame), bins)
+        kernels.hog_at_points(gray.detach().float().contiguous().numpy(), frame.contiguous().numpy(),
+                              points.detach().contiguous().numpy(), cell, bins, HOG_EPS, hist.numpy())
+    else:
+        corner = points - (cell - 1) / 2
+        first = corner.floor()
+        frac = corner - first  # (P, 2) as (x, y): the share of the window's last column / row
+        sums = _torch_window_sums(gray, frame, first.long(), frac, cell, bins)
+        hist = l2_normalize(sums / (cell * cell))
+    if order is None:
+        return hist
+    out = torch.empty_like(hist)
+    out[order] = hist
+    return out
+
+
+def _torch_window_sums(gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor, frac: torch.Tensor,
+                       cell: int, bins: int) -> torch.Tensor:
+    """The window vote sums (P, bins) of points sorted by frame, in torch (any device).
+
+    Gathers each window's pixels from per-pixel tables and scatters their votes: this touches about as many
+    pixels as the frames hold (the windows of the tracked points nearly tile each frame), whereas box-filtering
+    per-bin vote maps (the same values: the window is a bilinear blend of four integer-position box sums)
+    writes and filters `bins` planes per pixel. On CPU the frames asked for are worked through in chunks of
+    about `CHUNK_PIXELS` pixels, so that the tables a chunk gathers from stay in cache; elsewhere in one pass.
+    """
+    periods = torch.zeros(len(frame), 3 * bins + 1, device=gray.device)  # see `_window_votes`
     used = torch.unique_consecutive(frame)
     frames_per_chunk = len(gray)
     if gray.device.type == "cpu":
@@ -205,14 +228,9 @@ def hog_at_points(gray: torch.Tensor, frame: torch.Tensor, points: torch.Tensor,
         else:
             images, local = gray[chunk], torch.searchsorted(chunk, frame[start:stop])
         _window_votes(images, local, first[start:stop], frac[start:stop], periods[start:stop], cell, bins)
-    hist = periods[:, :bins] + periods[:, bins:2 * bins] + periods[:, 2 * bins:3 * bins]
-    hist[:, 0] += periods[:, 3 * bins]
-    hist = l2_normalize(hist / (cell * cell))
-    if order is None:
-        return hist
-    out = torch.empty_like(hist)
-    out[order] = hist
-    return out
+    sums = periods[:, :bins] + periods[:, bins:2 * bins] + periods[:, 2 * bins:3 * bins]
+    sums[:, 0] += periods[:, 3 * bins]
+    return sums
 
 
 def _window_votes(gray: torch.Tensor, frame: torch.Tensor, first: torch.Tensor, frac: torch.Tensor,

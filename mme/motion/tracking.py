@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mme.motion.backends import compiled_kernels
+
 
 def patch_grid_points(grid_h: int, grid_w: int, patch_size: int, points_per_patch: int) -> torch.Tensor:
     """Start points: a sqrt(K) x sqrt(K) grid at the centres of equal sub-cells of every patch.
@@ -113,9 +115,23 @@ def track_points(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, 
     flow = flow.float()
     if median and len(flow):
         flow = median_filter_flow(flow)
-    num_pairs, height, width = flow.shape[:3]
+    num_pairs = flow.shape[0]
     start = torch.as_tensor(start, dtype=torch.long, device=flow.device).reshape(-1)
     end = torch.full_like(start, num_pairs) if end is None else end.to(flow.device, torch.long).reshape(-1)
+    kernels = compiled_kernels(flow)
+    if kernels is not None:  # the same steps point by point, compiled (`mme.motion.backends`)
+        tracks = torch.empty(len(points), steps + 1, 2)
+        valid = torch.empty(len(points), dtype=torch.bool)
+        kernels.track(flow.contiguous().numpy(), points.float().contiguous().numpy(), start.numpy(), end.numpy(),
+                      steps, step, tracks.numpy(), valid.numpy())
+        return tracks, valid
+    return _track_torch(flow, points, start, end, steps, step)
+
+
+def _track_torch(flow: torch.Tensor, points: torch.Tensor, start: torch.Tensor, end: torch.Tensor, steps: int,
+                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`track_points` in torch (any device): every point's step at once."""
+    num_pairs, height, width = flow.shape[:3]
     position = points.float().clone()
     upper = torch.tensor([width - 1, height - 1], dtype=torch.float32, device=flow.device)
     valid = ((position >= 0) & (position <= upper)).all(1)
