@@ -375,7 +375,7 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
 
 
 # Keys that change how fast a stage runs, never what it computes: no DVC stage lists them, no resume checks them.
-SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers"})
+SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers", "data.targets_on"})
 # Counts: key -> smallest allowed value (no upper bound). Zero workers means "in this process"; a
 # negative or zero epoch count would make a run that trains nothing and still writes a final checkpoint.
 COUNTS: dict[str, int] = {

@@ -238,7 +238,8 @@ def _launch(workdir: Path, env: dict[str, str], *extra: str) -> subprocess.Popen
 @pytest.mark.slow
 def test_two_launchers_on_a_fresh_workdir_share_the_stores(tmp_path, fake_runner):
     """Two `ablate.py` launchers started together on an empty workdir: both create the stores (a file lock
-    serialises that), they split the 2-point grid, both exit 0, and the study's parent run ends FINISHED."""
+    serialises that), they split the 3-point grid (2 settings + the Random init floor), both exit 0, and the
+    study's parent run ends FINISHED."""
     workdir = tmp_path / "work"
     procs = [_launch(workdir, fake_runner | {"FAKE_BARRIER": "2"}) for _ in range(2)]
     outs = [proc.communicate(timeout=300)[0] for proc in procs]
@@ -246,9 +247,9 @@ def test_two_launchers_on_a_fresh_workdir_share_the_stores(tmp_path, fake_runner
     assert not any("Traceback" in out for out in outs), outs
     storage, name = f"sqlite:///{workdir / 'optuna.db'}", "norm-smoke-synthetic"
     complete = [t for t in _trials(storage, name) if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["setting"] for t in complete) == ["w/ patch norm", "w/o patch norm"]
-    assert len({t.user_attrs["worker_pid"] for t in complete}) == 2  # each launcher ran one point
-    assert any("other workers" in out for out in outs) or all("2/2 grid points done" in out for out in outs)
+    assert sorted(t.params["setting"] for t in complete) == ["Random init", "w/ patch norm", "w/o patch norm"]
+    assert len({t.user_attrs["worker_pid"] for t in complete}) == 2  # each launcher ran at least one point
+    assert any("other workers" in out for out in outs) or all("3/3 grid points done" in out for out in outs)
     study = optuna.load_study(study_name=name, storage=storage)
     assert study.metric_names == ["ft_top1"]
 
@@ -281,4 +282,4 @@ def test_killed_worker_is_reported_and_its_point_reclaimed_at_once(tmp_path, fak
     started = time.time()
     again = _ablate(workdir, fake_runner)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "6/6 grid points done" in again.stdout and time.time() - started < HEARTBEAT_GRACE_S
+    assert "8/8 grid points done" in again.stdout and time.time() - started < HEARTBEAT_GRACE_S

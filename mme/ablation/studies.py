@@ -171,8 +171,8 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
 # Real footage (docs/targets.md): the released code's target as a row of the content study, so its deviations
 # from the paper's `traj` are measured. Not a paper row; the official code has one tracking mode, and
 # `target.interpolate=true` only keeps the content study's swept keys explicit.
-STUDIES["content"] = replace(STUDIES["content"], settings=(
-    *STUDIES["content"].settings,
+STUDIES["content"] = replace(STUDIES["content"], settings=(  # the floor row stays last (it is re-appended)
+    *(s for s in STUDIES["content"].settings if s.label != FLOOR),
     Setting("Traj (official code)", ("target.kind=traj_official", "target.interpolate=true"), paper=None),
 ))
 
@@ -186,7 +186,7 @@ _ROBUSTNESS = Study("robustness", "extra", "robustness", "Trajectory checks on r
     Setting("both", ("target.fb_check=true", "target.prune=true")),
 ), base=(*_TRAJ, "target.fb_check=true"),
     notes="Not in the paper. Shot-cut invalidation is always on; fb_check needs caches with backward flow "
-          "(`mme extract --set target.fb_check=true` redoes caches made without it).")
+          "(`mme extract --set target.fb_check=true` redoes caches made without it).", reference="default")
 STUDIES[_ROBUSTNESS.name] = _ROBUSTNESS
 
 ALL = "all"

@@ -44,12 +44,6 @@ STAT_COLUMNS = ["n_clips", "reference", "paper_delta_top1",
                 *(f"{m}_{suffix}" for m in STAT_METRICS for suffix in STAT_SUFFIXES)]
 
 # Each study's reference row: the paper's default configuration (the row every other one is compared with).
-REFERENCE_SETTING = {
-    "content": "Traj", "interpolation": "Traj interp", "length": "L=6", "norm": "w/ patch norm",
-    "density": "Dense", "stride": "s=3", "masking": "70% tube", "decoder": "Joint depth 1",
-    "shuffle": "MME raw video", "probe": "MME (traj)",
-    "robustness": "default",
-}
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class StudyTable:
     rows: pd.DataFrame  # COLUMNS, one row per setting
     trials_counted: int  # COMPLETE trials after de-duplication
     budget: tuple[str, ...] = ()  # the trial-budget overrides the study ran with (TRIAL_BUDGET)
-    reference: str | None = None  # the row statistics compare with (REFERENCE_SETTING)
+    reference: str | None = None  # the row statistics compare with (`Study.reference`)
 
 
 @dataclass(frozen=True)
@@ -229,7 +223,7 @@ def load_tables(storage: Any, resamples: int = stats.RESAMPLES, seed: int = 0) -
             continue
         study = get_study(attrs[ATTR_STUDY])
         preset, dataset = attrs.get(ATTR_PRESET, "?"), attrs.get(ATTR_DATASET, "?")
-        reference = REFERENCE_SETTING.get(study.name)
+        reference = study.reference or None
         rows = add_statistics(summarize(records, study, preset, dataset, name), trial_per_clip(trials), reference,
                               resamples=resamples, seed=seed)
         budget = tuple(attrs.get(ATTR_BUDGET, ()))
