@@ -56,7 +56,13 @@ from mme.ablation.grid import (
     reclaim_dead,
     requeue,
 )
-from mme.ablation.storage import HEARTBEAT_GRACE_S, open_storage, storage_lock
+from mme.ablation.storage import (
+    HEARTBEAT_GRACE_S,
+    close_dead_trial_runs,
+    kill_trial_runs,
+    open_storage,
+    storage_lock,
+)
 from mme.ablation.studies import (
     ATTR_BUDGET,
     ATTR_DATASET,
@@ -260,7 +266,7 @@ def refresh_grid(plan: Plan, study: Any) -> tuple[GridState, list[Point]]:
     for trial in reclaim_dead(study):
         print(f"ablate[{os.getpid()}]: trial {trial.number} {point_of(trial)} lost its worker ({owner(trial)}); "
               "marked failed and queued again", flush=True)
-        _kill_runs(_client(plan), trial.user_attrs.get("mlflow_run_id"))
+        kill_trial_runs(_client(plan), trial.user_attrs.get("mlflow_run_id"))
     with storage_lock(plan.storage):
         state = GridState.read(study)
         todo = state.todo(plan.points())
@@ -450,7 +456,7 @@ def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
             worst = 0
             run_worker(plan, hooks)
         state, _ = refresh_grid(plan, study)
-        _close_dead_trial_runs(study, client)
+        close_dead_trial_runs(study, client)
         points = plan.points()
         done, given_up, elsewhere = [p for p in points if p in state.done], state.given_up(points), []
         if len(done) == len(points):
@@ -478,27 +484,3 @@ def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
     if worst:
         print("ablate: a worker failed (see above); run the same command again to retry its point", file=sys.stderr)
     return 0 if status in ("FINISHED", "RUNNING") and not worst else 1
-
-
-def _close_dead_trial_runs(study: Any, client: Any) -> None:
-    """MLflow runs of trials whose worker was killed stay RUNNING; mark them KILLED (their trial is FAIL)."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        _kill_runs(client, trial.user_attrs.get("mlflow_run_id"))
-
-
-def _kill_runs(client: Any, run_id: str | None) -> None:
-    """Mark a trial's MLflow run, and the stage runs nested under it, KILLED where still RUNNING."""
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return
-    try:
-        run = client.get_run(run_id)
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-        for item in [run, *children]:
-            if item.info.status == "RUNNING":
-                client.set_terminated(item.info.run_id, "KILLED")
-    except MlflowException:
-        return

@@ -1,5 +1,6 @@
 """Where ablation trials are stored: Optuna RDB storages (SQLite, servers) and journal files, and the
-file lock that serialises their first creation (and the grid bookkeeping) across processes."""
+file lock that serialises their first creation (and the grid bookkeeping) across processes, and the closing
+of the MLflow runs a killed trial left RUNNING."""
 
 from __future__ import annotations
 
@@ -70,3 +71,27 @@ def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
                           grace_period=HEARTBEAT_GRACE_S,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+
+
+def close_dead_trial_runs(study: Any, client: Any) -> None:
+    """MLflow runs of trials whose worker was killed stay RUNNING; mark them KILLED (their trial is FAIL)."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        kill_trial_runs(client, trial.user_attrs.get("mlflow_run_id"))
+
+
+def kill_trial_runs(client: Any, run_id: str | None) -> None:
+    """Mark a trial's MLflow run, and the stage runs nested under it, KILLED where still RUNNING."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return
+    try:
+        run = client.get_run(run_id)
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        for item in [run, *children]:
+            if item.info.status == "RUNNING":
+                client.set_terminated(item.info.run_id, "KILLED")
+    except MlflowException:
+        return

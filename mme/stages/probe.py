@@ -38,7 +38,7 @@ from mme.models import VisionTransformer, load_checkpoint, model_args, pretrain_
 from mme.models.registry import encoder_args
 from mme.paths import Paths
 from mme.reports import per_clip
-from mme.utils import atomic_path, seed_everything, write_json, write_text_atomic
+from mme.utils import atomic_path, seed_everything, write_json, write_metrics, write_text_atomic
 
 STAGE = "probe"
 RANDOM_STAGE = "probe_random"  # the random-init floor's models/, metrics and plots name
@@ -217,7 +217,7 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
                 log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epochs"})
                 save_heads(paths.models_dir(name) / FINAL, results, cfg, metrics)
                 write_curves(paths.plots_dir / f"{name}.csv", results)
-                write_json(paths.metrics_dir / f"{name}.json", metrics)
+                write_metrics(paths.metrics_dir / f"{name}.json", metrics)
                 write_json(paths.metrics_dir / f"{name}.per_clip.json", per_clip.encode(per_clip_record(results, data)))
         return metrics | {"checkpoint": str(paths.models_dir(name) / FINAL)}
 
