@@ -14,6 +14,8 @@ import pytest
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The test machine (and CI) has no internet: MLflow's usage telemetry would try to send events at process exit.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mme.config import Config, load_config  # noqa: E402
 

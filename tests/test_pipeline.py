@@ -114,7 +114,7 @@ def test_dvc_repro_smoke_pipeline(tmp_path):
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     assert not (clone / "models").exists()
     _run([dvc, "pull"], clone)
-    assert len(list((clone / "data/flow/synthetic").rglob("*.npz"))) == 24
+    assert len(list((clone / "data/flow/synthetic").rglob("*.npz"))) == 16
     for rel in ("models/pretrain/checkpoint.pt", "models/pretrain/last.pt", "models/finetune/checkpoint.pt",
                 "models/probe/checkpoint.pt", "data/lists/synthetic/train.csv"):
         assert (clone / rel).is_file(), rel
