@@ -39,7 +39,7 @@ from mme.data.sampling import (
 from mme.data.transforms import CropParams, crop_flow, crop_frames, flip_allowed, normalize, sample_crop, spatial_crops
 from mme.data.video import read_clip
 from mme.motion.cache import FlowCache, cache_problem, expected_meta, flow_cache_path, load_flow
-from mme.motion.shots import cut_free_starts
+from mme.motion.shots import cut_free_starts, cut_pair_flags
 from mme.motion.tracking import resize_flow
 from mme.paths import Paths
 from mme.targets import TargetGeometry, TargetInputs, TargetSpec, get_target, pad_flow
@@ -103,17 +103,6 @@ def clip_start(num_video_frames: int, span: int, cuts: list[int] | None, rng: np
         if len(starts):
             return int(starts[rng.integers(0, len(starts))])
     return train_clip_start(num_video_frames, span, rng)
-
-
-def cut_pair_flags(cuts: list[int] | None, start: int, pairs: int) -> torch.Tensor | None:
-    """bool (pairs,): True at pair i when a cut at video frame c has c - 1 - start == i; None: cuts unknown."""
-    if cuts is None:
-        return None
-    flags = torch.zeros(pairs, dtype=torch.bool)
-    for c in cuts:
-        if 0 <= c - 1 - start < pairs:
-            flags[c - 1 - start] = True
-    return flags
 
 
 def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, flow_window: FlowWindow | None,
