@@ -15,6 +15,7 @@ import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,8 @@ class TrainingPlan:
         validate: called with the (unwrapped) model after each epoch; its metrics are recorded as `val_*`.
         metrics: extra values for the metrics JSON (e.g. the inputs the stage dropped, `report_skipped`).
         ddp: wrap the model in DistributedDataParallel when the process group has several ranks.
+        snapshots: epochs (counted from 1) after which the weights are also kept as `epoch_NNN.pt`, in the
+            final checkpoint's format (what learning curves probe: experiments/learning_curves.py).
     """
 
     stage: str
@@ -77,6 +80,7 @@ class TrainingPlan:
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    snapshots: tuple[int, ...] = ()
 
 
 def single_view(cfg: Config) -> Config:
@@ -153,10 +157,19 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
                 save_checkpoint(paths.models_dir(plan.stage) / LAST, model=plan.model, optimizer=plan.optimizer,
                                 scheduler=plan.scheduler, scaler=plan.scaler, epoch=epoch + 1,
                                 step=(epoch + 1) * plan.updates, history=recorder.rows, stage=plan.stage, **keep)
+                if epoch + 1 in plan.snapshots:
+                    save_checkpoint(snapshot_path(paths, plan.stage, epoch + 1), model=plan.model,
+                                    history=recorder.rows, stage=plan.stage, epoch=epoch + 1,
+                                    step=(epoch + 1) * plan.updates, **keep)
         result = finish_stage(plan.stage, paths, env, plan.model, recorder.rows, plan.keys, epoch=plan.epochs,
                               step=plan.epochs * plan.updates, extra=plan.metrics, **keep)
         log_stage_model(cfg, plan.stage, plan.model)
         return result
+
+
+def snapshot_path(paths: Paths, stage: str, epoch: int) -> Path:
+    """Where `TrainingPlan.snapshots` keeps the weights after `epoch` epochs."""
+    return paths.models_dir(stage) / f"epoch_{epoch:03d}.pt"
 
 
 def finish_stage(stage: str, paths: Paths, env: DistEnv, model: nn.Module, rows: list[dict[str, float]],

@@ -60,8 +60,10 @@ def pretrain_loader(cfg: Config, dataset: Any, env: DistEnv) -> DataLoader:
                        num_workers=cfg.data.num_workers, drop_last=True, collate_fn=collate)
 
 
-def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dict[str, Any]:
-    """Pre-train; with `resume`, continue from `models/pretrain/last.pt` at its epoch and step."""
+def run(cfg: Config, workdir: str | Path, resume: bool = False, snapshots: tuple[int, ...] = (),
+        **_: Any) -> dict[str, Any]:
+    """Pre-train; with `resume`, continue from `models/pretrain/last.pt` at its epoch and step; `snapshots`:
+    epochs after which the weights are also kept (`TrainingPlan.snapshots`)."""
     from mme.datasets import PretrainDataset
 
     with process_group() as env:
@@ -79,5 +81,6 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, **_: Any) -> dic
             keys=("loss", "clips_per_s"), scaler=make_scaler(env.device, train.amp), accum_steps=train.accum_steps,
             clip_grad=train.clip_grad, amp=train.amp, keep={"config": cfg.to_dict(), "model_args": args},
             params={"derived.total_batch": total_batch, "derived.updates_per_epoch": updates,
-                    "derived.num_params": sum(p.numel() for p in model.parameters())}, metrics=skipped)
+                    "derived.num_params": sum(p.numel() for p in model.parameters())}, metrics=skipped,
+            snapshots=tuple(snapshots))
         return train_stage(cfg, paths, env, plan, resume)

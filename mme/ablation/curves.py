@@ -1,0 +1,93 @@
+"""Learning curves: frozen-probe test top-1 against pre-training epochs, beside the untrained encoder.
+
+For each target kind and seed, one pre-training run of `epochs` epochs keeps snapshots of its weights after
+the epochs in `snapshots` (`TrainingPlan.snapshots`); each snapshot and the seeded untrained encoder are
+probed by the real `probe` stage (linear + attentive heads, chosen on val, scored on test). Each row gives
+the test top-1 with its 95 % bootstrap CI over the test clips, and the paired difference to the untrained
+encoder of the same seed (same clips) with its CI (mme.reports.stats).
+
+A snapshot inside a longer cosine schedule is not the end of a shorter schedule (its learning rate has not
+decayed), so a curve point is a lower bound on what a schedule of that length reaches; the end of the
+curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>/` (data symlinked from `data_dir`), so an
+interrupted curve resumes: a finished pre-training is reused, and probed snapshots are read back from
+`curve.json` instead of being probed again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mme.config import load_config
+from mme.engine.checkpointing import FINAL
+from mme.engine.fit import snapshot_path
+from mme.paths import Paths
+from mme.reports import per_clip, stats
+from mme.utils import write_json
+
+METRICS = ("probe_top1", "attentive_top1")
+RANDOM_EPOCH = 0  # the untrained encoder's row
+
+
+def run_dir(root: Path, data_dir: Path, kind: str, seed: int) -> Path:
+    """`<root>/<kind>-s<seed>` with `data/` linked to the prepared data of `data_dir`."""
+    workdir = root / f"{kind}-s{seed}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    link = workdir / "data"
+    if not link.exists():
+        link.symlink_to((data_dir / "data").resolve(), target_is_directory=True)
+    return workdir
+
+
+def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
+    """The probe stage on one encoder: its metrics and per-clip test record (encoded)."""
+    from mme.stages import probe
+
+    metrics = probe.run(cfg, workdir, init=init)
+    name = probe.stage_name(cfg, init)
+    record = json.loads((Paths(workdir).metrics_dir / f"{name}.per_clip.json").read_text())
+    keep = ("top1", "attentive_top1", "val_top1", "attentive_val_top1", "lr", "epochs", "seconds")
+    return {"metrics": {k: metrics.get(k) for k in keep}, "per_clip": record}
+
+
+def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: int, snapshots: Sequence[int],
+          root: Path, data_dir: Path) -> dict[str, Any]:
+    """Pre-train `kind` for `epochs` keeping `snapshots`, probe each and the untrained encoder."""
+    from mme.stages import pretrain
+
+    cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
+    workdir = run_dir(root, data_dir, kind, seed)
+    store = workdir / "curve.json"
+    done = json.loads(store.read_text()) if store.exists() else {}
+    points = sorted({*snapshots, epochs})
+    if not (Paths(workdir).models_dir("pretrain") / FINAL).exists():
+        done["pretrain"] = pretrain.run(cfg, workdir, snapshots=tuple(points))
+    for epoch in [RANDOM_EPOCH, *points]:
+        if str(epoch) in done:
+            continue
+        init = "random" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
+        done[str(epoch)] = probe_point(cfg, workdir, init)
+        write_json(store, done)
+    return done
+
+
+def curve_rows(kind: str, seed: int, done: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per probed encoder: test top-1 + CI per head, and the paired difference to the untrained one."""
+    floor = per_clip.decode(done[str(RANDOM_EPOCH)]["per_clip"])
+    rows = []
+    for key in sorted((k for k in done if k.isdigit()), key=int):
+        record = per_clip.decode(done[key]["per_clip"])
+        if record.clip_ids != floor.clip_ids:
+            raise ValueError(f"{kind} seed {seed}: epoch {key} was probed on other test clips than the floor")
+        row: dict[str, Any] = {"kind": kind, "seed": seed, "epoch": int(key), "test_clips": len(record.clip_ids),
+                               "val_top1": done[key]["metrics"]["val_top1"]}
+        for metric in METRICS:
+            scores, reference = record.correct[metric][None], floor.correct[metric][None]
+            mean, delta = stats.interval(scores), stats.paired_difference(scores, reference)
+            row |= {metric: round(mean.estimate, 2), f"{metric}_low": round(mean.low, 2),
+                    f"{metric}_high": round(mean.high, 2), f"{metric}_vs_random": round(delta.estimate, 2),
+                    f"{metric}_vs_random_low": round(delta.low, 2), f"{metric}_vs_random_high": round(delta.high, 2)}
+        rows.append(row)
+    return rows

@@ -1,0 +1,59 @@
+"""Learning curves: pre-training snapshots are the weights after that many epochs, the curve probes each one
+and the untrained encoder on the same test clips, and an interrupted curve resumes without re-probing."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from mme.ablation import curves
+from mme.engine.checkpointing import FINAL
+from mme.engine.fit import snapshot_path
+from mme.paths import Paths
+
+EPOCHS = 2
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "learning_curves.py"
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("learning_curves_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
+    cli = load_cli()
+    out = tmp_path / "curve.csv"
+    cli.main(["--data", str(extracted_workdir), "--kinds", "traj", "--epochs", str(EPOCHS), "--snapshots", "1",
+              "--preset", "smoke", "--root", str(tmp_path / "runs"), "--out", str(out)])
+    workdir = tmp_path / "runs" / "traj-s0"
+    paths = Paths(workdir)
+    first, last = (torch.load(snapshot_path(paths, "pretrain", e), weights_only=False) for e in (1, EPOCHS))
+    final = torch.load(paths.models_dir("pretrain") / FINAL, weights_only=False)
+    assert first["epoch"] == 1 and last["epoch"] == EPOCHS
+    for key, value in final["model"].items():  # the last snapshot IS the final model
+        assert torch.equal(value, last["model"][key]), key
+    assert any(not torch.equal(v, first["model"][k]) for k, v in final["model"].items())  # epoch 2 trained on
+
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, EPOCHS]
+    floor = rows[0]
+    assert float(floor["probe_top1_vs_random"]) == 0.0  # the untrained encoder against itself
+    for row in rows:
+        assert float(row["probe_top1_low"]) <= float(row["probe_top1"]) <= float(row["probe_top1_high"])
+        assert int(row["test_clips"]) == int(floor["test_clips"]) > 0
+
+    store = json.loads((workdir / "curve.json").read_text())
+    assert set(store) == {"pretrain", "0", "1", str(EPOCHS)}
+
+    def no_probe(*_a, **_k):
+        raise AssertionError("a probed point was probed again")
+
+    monkeypatch.setattr(curves, "probe_point", no_probe)
+    again = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
+    assert again == store
