@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from mme.config import load_config
+from mme.config import ConfigError, load_config
 from mme.models import read_checkpoint
 from mme.utils import read_metrics
 
@@ -95,3 +95,27 @@ def test_finetune_token_drop_trains_on_fewer_tokens_and_validates_on_all(workdir
     assert {n for training, n in seen if training} == {t * round(0.5 * h * w)}
     assert {n for training, n in seen if not training} == {t * h * w}
     assert math.isfinite(result["loss"])
+
+
+def test_finetune_validates_every_nth_epoch_and_after_the_last(workdir, monkeypatch):
+    """finetune.val_every=2 over 3 epochs: val after epochs 2 and 3 (the last), nowhere else; the CSV leaves
+    epoch 1's val cells empty and the metrics JSON still carries the last epoch's val top-1."""
+    from mme.stages import finetune, pretrain
+
+    cfg = load_config("smoke", ["finetune.epochs=3", "finetune.val_every=2"])
+    pretrain.run(cfg, workdir)
+    calls: list[int] = []
+    evaluate = finetune.evaluate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "evaluate", counted)
+    result = finetune.run(cfg, workdir)
+    rows = list(csv.DictReader((workdir / "reports" / "plots" / "finetune.csv").open()))
+    assert len(calls) == 2
+    assert [bool(r["val_top1"]) for r in rows] == [False, True, True]
+    assert result["val_top1"] == float(rows[-1]["val_top1"])
+    with pytest.raises(ConfigError, match="finetune.val_every"):
+        load_config("smoke", ["finetune.val_every=0"])

@@ -50,7 +50,8 @@ class TrainingPlan:
         keep: extras saved in every checkpoint (config, model args, `pretrain_run_id`, ...).
         carry: keys of `keep` taken from `last.pt` on resume and from `start()` otherwise.
         start: called on a fresh (not resumed) run before training; returns values for `carry`.
-        validate: called with the (unwrapped) model after each epoch; its metrics are recorded as `val_*`.
+        validate: called with the (unwrapped) model after every `validate_every`-th epoch and after the last;
+            its metrics are recorded as `val_*` (empty in the CSV for the epochs in between).
         metrics: extra values for the metrics JSON (e.g. the inputs the stage dropped, `report_skipped`).
         ddp: wrap the model in DistributedDataParallel when the process group has several ranks.
         snapshots: epochs (counted from 1) after which the weights are also kept as `epoch_NNN.pt`, in the
@@ -77,6 +78,7 @@ class TrainingPlan:
     carry: tuple[str, ...] = ()
     start: Callable[[], dict[str, Any]] | None = None
     validate: Callable[[nn.Module], dict[str, float]] | None = None
+    validate_every: int = 1
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +152,7 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
                                     updates_per_epoch=plan.updates, device=device, accum_steps=plan.accum_steps,
                                     clip_grad=plan.clip_grad, amp=plan.amp, scaler=plan.scaler,
                                     show_progress=plan.show_progress and env.is_main)
-            if plan.validate is not None:
+            if plan.validate is not None and ((epoch + 1) % plan.validate_every == 0 or epoch + 1 == plan.epochs):
                 stats |= {f"val_{k}": v for k, v in plan.validate(plan.model).items()}
             recorder.record(epoch, stats)
             if env.is_main:

@@ -112,5 +112,6 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
             carry=(PRETRAIN_RUN_ID,),
             start=lambda: {PRETRAIN_RUN_ID: None if scratch else init_from(model, init, allow_partial)},
             validate=lambda m: evaluate(m, val_loader, env.device, train.amp, show_progress=env.is_main),
+            validate_every=train.val_every,
             params={"derived.total_batch": total_batch}, tags={"init": "scratch" if scratch else str(init)})
         return train_stage(cfg, paths, env, plan, resume)
