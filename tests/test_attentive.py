@@ -105,3 +105,28 @@ def test_test_labels_never_enter_the_choice():
     assert torch.equal(right.test_predictions, wrong.test_predictions)
     assert right.test_top1 > 90.0 and wrong.test_top1 < 10.0
     assert right.test_correct.shape == (256,) and right.test_top1 == pytest.approx(100 * right.test_correct.mean())
+
+
+def small_signal_on_a_common_pattern(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`one_token` scaled down 100x and put on a large fixed per-(position, channel) pattern shared by every
+    clip (like tokens of one shared background): the class lives in a tiny between-clip difference."""
+    tokens, labels = one_token(n, seed)
+    common = 50.0 * torch.randn(1, CLASSES, DIM, generator=torch.Generator().manual_seed(7))
+    return common + 0.01 * tokens, labels
+
+
+def test_standardised_attentive_probe_reads_a_small_signal_on_a_common_pattern():
+    train, val = small_signal_on_a_common_pattern(512, 1), small_signal_on_a_common_pattern(256, 2)
+    grid = ProbeGrid(lrs=GRID.lrs, epochs=GRID.epochs, batch_size=64, head_args={"num_tokens": CLASSES})
+    head, standardised, _ = fit_probe("attentive", *train, *val, grid, seed=0)
+    _, plain, _ = fit_probe("attentive", *train, *val, GRID, seed=0)
+    assert standardised["val_top1"] > 90.0 and plain["val_top1"] < 60.0
+    assert torch.allclose(head.token_mean, train[0].mean(dim=0), atol=1e-4)
+    # Standardised by its training statistics, the head sees the same inputs after any per-(position,
+    # channel) affine change of the features: fitted on changed features, it predicts the same classes.
+    scale = 0.5 + torch.rand(1, CLASSES, DIM, generator=torch.Generator().manual_seed(3))
+    shift = torch.randn(1, CLASSES, DIM, generator=torch.Generator().manual_seed(4))
+    changed = [(x * scale + shift, y) for x, y in (train, val)]
+    again, _, _ = fit_probe("attentive", *changed[0], *changed[1], grid, seed=0)
+    agree = (predict(again, changed[1][0]) == predict(head, val[0])).float().mean()
+    assert agree > 0.98

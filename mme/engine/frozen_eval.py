@@ -32,6 +32,7 @@ class ProbeGrid:
     warmup_epochs: int = 1
     min_lr: float = 0.0
     head_args: dict = field(default_factory=dict)  # e.g. {"num_heads": 4} for the attentive probe
+    val_every: int = 1  # val top-1 after every val_every-th epoch and the last (a val pass can cost an epoch)
 
 
 @torch.no_grad()
@@ -50,13 +51,14 @@ def top1(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
 
 def train_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lr: float, epochs: int,
                grid: ProbeGrid, seed: int, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
-    """Train `head` in place on (feats, labels); returns the val top-1 after each epoch (empty without val)."""
+    """Train `head` in place on (feats, labels); returns the val top-1 after every `grid.val_every`-th epoch
+    and the last (empty without val)."""
     order = torch.Generator().manual_seed(seed)
     per_epoch = max(len(labels) // grid.batch_size, 1)  # full batches: BatchNorm cannot train on one clip
     optimizer = build_optimizer(head, lr, grid.weight_decay)
     scheduler = build_scheduler(optimizer, epochs * per_epoch, grid.warmup_epochs * per_epoch, grid.min_lr)
     curve, step = [], 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         head.train()
         permutation = torch.randperm(len(labels), generator=order)
         for i in range(per_epoch):
@@ -67,7 +69,7 @@ def train_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lr: f
             loss.backward()
             optimizer.step()
             step += 1
-        if val is not None:
+        if val is not None and ((epoch + 1) % grid.val_every == 0 or epoch + 1 == epochs):
             curve.append(top1(head, *val))
     return curve
 
@@ -98,6 +100,8 @@ def fit_probe(kind: str, train_feats: torch.Tensor, train_labels: torch.Tensor, 
             with torch.random.fork_rng():  # the same initialisation for every grid point
                 torch.manual_seed(seed)
                 head = build_head(kind, train_feats.shape[-1], classes, **grid.head_args).to(train_feats.device)
+            if getattr(head, "standardize", False):
+                head.set_standardization(train_feats)
             curve = train_head(head, train_feats, train_labels, lr, epochs, grid, seed, (val_feats, val_labels))
             curves[(lr, epochs)] = curve
             if best is None or curve[-1] > best[0]:
