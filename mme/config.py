@@ -84,6 +84,7 @@ class DataConfig:
     # Where the pre-training targets of a batch are built (mme/datasets/batching.py): in the training step on
     # its device, or in the loader's workers; auto = device on cuda, the measured CPU winner on CPU.
     targets_on: TargetsOn = "auto"
+    decoded_cache: bool = False  # extract writes, training datasets mmap decoded frames + flow (mme/motion/decoded.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -239,8 +240,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for `dvc repro` in about 20 minutes on 2 CPU cores; why the generated set is shaped this way
     # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
-        "data": {"synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False, "appearance": "shared",
-                               "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
+        "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
+                 "appearance": "shared", "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
         "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
         "pretrain": {"epochs": 6, "base_lr": 4e-3, "warmup_epochs": 1},
         "finetune": {"epochs": 10, "batch_size": 8, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0,
