@@ -5,12 +5,14 @@ damaged or half-written is never used (the video is decoded instead, with a warn
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import mme.motion.decoded as decoded
 from mme.config import load_config
@@ -96,6 +98,18 @@ def test_pretrain_items_of_a_kind_without_flow_equal_the_decode_path(cached_work
     on, off = pretrain_pair(cached_workdir, ["target.kind=pixel"], targets=True)
     assert_equal_items(on, off, epochs=(0, 2), indices=(1, 7))
     assert not on.decoded.problems
+
+
+def test_items_are_the_same_in_dataloader_workers_and_a_pickled_dataset_carries_no_mapped_data(cached_workdir):
+    on, off = pretrain_pair(cached_workdir, ["target.fb_check=true"])
+    on.set_epoch(2)
+    off.set_epoch(2)
+    first = on[0]  # opens entry 0 in this process
+    assert len(pickle.dumps(on)) < 100_000  # one smoke entry is ~1.4 MB
+    loaded = next(iter(DataLoader(on, batch_size=2, num_workers=2)))
+    for i in range(2):
+        assert_same({k: v[i] for k, v in loaded.items()}, off[i])
+    assert_same(first, off[0])
 
 
 @pytest.mark.parametrize("extra", [[], ["finetune.token_drop=0.5"], ["data.sampling=segment"]])

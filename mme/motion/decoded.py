@@ -268,6 +268,10 @@ class DecodedEntries:
         self._entries: dict[tuple[str, bool], DecodedEntry | None] = {}
         self.problems: list[str] = []  # this process's unusable entries (the first one warned)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled copy (a spawned worker) reopens its entries: pickling a map would copy all of its data.
+        return {**self.__dict__, "_entries": {}}
+
     def get(self, rel: str, video: Path, flow_meta: dict[str, Any] | None = None,
             backward: bool = False) -> DecodedEntry | None:
         """The valid entry of the listed video `rel` (file `video`), or None; `flow_meta`, `backward`: as
