@@ -207,9 +207,18 @@ def test_extract_redoes_a_damaged_or_stale_entry_and_reuses_the_rest(workdir_cop
     assert entry_problem(entry, video, 64, flow, deep=False) is None
     assert "CRC" in entry_problem(entry, video, 64, flow)
     shutil.rmtree(decoded_entry_path(workdir_copy, "synthetic", videos[2]))
+    flow_cache_path(workdir_copy, "synthetic", videos[3]).unlink()  # flow and entry made in one pass
     metrics = extract.run(load_config("smoke", ["target.fb_check=true", "data.decoded_cache=true"]), workdir_copy)
-    assert metrics["decoded_written"] == 2 and metrics["reused"] == 16
+    assert metrics["decoded_written"] == 3 and (metrics["reused"], metrics["extracted"]) == (15, 1)
+    assert metrics["decoded_bytes"] == sum(f.stat().st_size for f in Paths(workdir_copy).decoded_dir("synthetic")
+                                           .rglob("*.*"))
     assert entry_problem(entry, video, 64, flow) is None
+    fresh = videos[3]
+    fresh_flow = load_flow(flow_cache_path(workdir_copy, "synthetic", fresh))
+    fresh_video = resolve_video(workdir_copy, fresh)
+    opened = open_entry(decoded_entry_path(workdir_copy, "synthetic", fresh), fresh_video, 64, fresh_flow.meta, True)
+    assert np.array_equal(opened.frames(np.arange(32)), read_frames(fresh_video, range(32), short_side=64))
+    assert np.array_equal(opened.window(0, 31, backward=True), fresh_flow.window(0, 31, backward=True))
 
 
 def test_an_interrupted_write_leaves_no_valid_looking_entry(workdir_copy, monkeypatch):

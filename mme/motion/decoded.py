@@ -40,6 +40,7 @@ import numpy as np
 from mme.data.lists import video_key
 from mme.motion.cache import FlowCache
 from mme.paths import Paths
+from mme.utils import default_file_mode
 
 FORMAT_VERSION = 1
 FRAMES, FLOW, BACK, META = "frames.npy", "flow.npy", "back.npy", "meta.json"
@@ -124,18 +125,13 @@ def write_entry(entry: Path, video: Path, frames: np.ndarray, flow: FlowCache, s
                 "pairs": list(flow.shape), "backward": flow.has_backward, "flow": flow.meta,
                 "source": source_stamp(video), "crc32": {name: _crc32(tmp / name) for name in arrays}}
         (tmp / META).write_text(json.dumps(meta, sort_keys=True))
-        os.chmod(tmp, 0o777 & ~_umask())
+        file_mode = default_file_mode()  # a new directory's mode, not mkdtemp's 0700: a group can share the cache
+        os.chmod(tmp, file_mode | (file_mode & 0o444) >> 2)
         _swap_in(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return entry
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _swap_in(tmp: Path, entry: Path) -> None:

@@ -136,15 +136,15 @@ def _decoded_record(job: VideoJob, settings: FlowSettings, frames, stored: FlowC
     """Reuse or (re)write the video's decoded-cache entry; `frames`: the frames just decoded, or None."""
     if job.decoded is None:
         return {}
-    problem = entry_problem(job.decoded, job.video, settings.short_side, stored)
-    if problem is None:
-        status = "reused"
-    else:
+    # Flow just made: the entry is rewritten from the frames at hand, whatever an old one holds.
+    if frames is not None or entry_problem(job.decoded, job.video, settings.short_side, stored) is not None:
         if frames is None:
             frames = read_frames(job.video, range(stored.num_pairs + 1), short_side=settings.short_side)
         remove_stale_temps(job.decoded)
         write_entry(job.decoded, job.video, frames, stored, settings.short_side)
         status = "written"
+    else:
+        status = "reused"
     size = sum(f.stat().st_size for f in job.decoded.iterdir())
     return {"decoded": status, "decoded_bytes": size}
 
