@@ -7,9 +7,13 @@ mean of the epochs after the first (warm workers); the same model's bare trainin
 + backward + AdamW, bf16, in-memory random input, the stage's batch) gives the ceiling; ratio = stage / bare.
 The same for `finetune` (the decode-only path; classifier step, cross-entropy). A profile splits one clip's
 loader work on one thread into decode, flow read, resize+crop of frames and flow, luma and padding, and the
-targets (per clip of a batch built in one `build_batch` call).
+targets (per clip of a batch built in one `build_batch` call), three ways: decoding the video and inflating the
+`.npz` flow (`data.decoded_cache=false`), reading the on-disk decoded cache that extract wrote
+(`data.decoded_cache=true`, memory-mapped `.npy` files, warm page cache), and a reference where every video's
+frames and float flow are held in memory. `--profile-only` runs just the profile (no training).
 
     python benchmarks/bench_pipeline.py [--videos 128] [--epochs 3] [--out benchmarks/results/pipeline.json]
+    python benchmarks/bench_pipeline.py --profile-only --videos 48 --out benchmarks/results/pipeline_profile.json
 """
 
 from __future__ import annotations
@@ -50,8 +54,16 @@ def make_set(workdir: Path, videos: int) -> dict:
                                f"data.synthetic.test_videos={held_out}"])
     start = time.perf_counter()
     download.run(cfg, workdir)
-    extract.run(cfg, workdir)
+    extract.run(cfg, workdir)  # mini: with the decoded cache
     return {"videos": videos, "prepare_s": round(time.perf_counter() - start, 1)}
+
+
+def ensure_decoded(workdir: Path) -> None:
+    """A set made before the decoded cache existed gets its entries (the flow caches are reused)."""
+    from mme.stages import extract
+
+    if not any((workdir / "data" / "decoded" / "synthetic").glob("*/*/meta.json")):
+        extract.run(load_config("mini", ["data.decoded_cache=true"]), workdir)
 
 
 def stage_speed(stage: str, workdir: Path, overrides: list[str], threads: int) -> dict:
@@ -128,21 +140,24 @@ def _time_steps(model, loss_fn, train, batch: int, steps: int) -> float:
     return batch / float(np.median(times[2:]))
 
 
-def profile_loader(workdir: Path, clips: int = 32, cached: bool = False) -> dict:
+def profile_loader(workdir: Path, clips: int = 32, cached: bool = False, disk: bool = False) -> dict:
     """ms of one thread per clip in each step of the pre-training item, and the batched targets per clip.
 
     cached: measure a cache of decoded videos and flow reused across epochs: every video's frames (all of
     them, at the short side) and flow (all pairs) are read once into memory (untimed), then each item slices
     its frames and window from there (timed): what such a cache would leave of the item's time.
+    disk: the real on-disk decoded cache (`data.decoded_cache=true`); one untimed pass first opens the entries
+    and warms the page cache, as the first epoch does for the later ones.
     """
     import mme.datasets.clips as clips_module
     from mme.data.video import read_clip
     from mme.datasets import PretrainDataset
     from mme.datasets.batching import build_targets, collate_inputs
     from mme.motion.cache import FlowCache
+    from mme.motion.decoded import DecodedEntry
 
     torch.set_num_threads(1)
-    cfg = load_config("mini")
+    cfg = load_config("mini", [f"data.decoded_cache={str(disk).lower()}"])
     spent: dict[str, float] = {}
     originals = {}
 
@@ -178,9 +193,12 @@ def profile_loader(workdir: Path, clips: int = 32, cached: bool = False) -> dict
     for name in ("resize_flow", "crop_flow", "crop_frames"):
         timed(clips_module, name, "crop")
     timed(FlowCache, "window", "flow_read", window)
+    if disk:
+        timed(DecodedEntry, "frames", "decode")
+        timed(DecodedEntry, "window", "flow_read")
     try:
         dataset = PretrainDataset(cfg, workdir, targets=False)
-        if cached:  # fill the cache untimed
+        if cached or disk:  # fill the cache untimed
             [dataset[i % len(dataset)] for i in range(clips)]
             spent.clear()
         start = time.thread_time()
@@ -203,7 +221,22 @@ def profile_loader(workdir: Path, clips: int = 32, cached: bool = False) -> dict
         arrays = [value[1] if isinstance(value, tuple) else value for value in memory.values()]
         videos = sum(isinstance(value, tuple) for value in memory.values())
         out["cache_mb_per_video"] = round(sum(a.nbytes for a in arrays) / max(videos, 1) / 1e6, 2)
+    if disk:
+        if dataset.decoded.problems:
+            raise RuntimeError(f"the decoded cache is incomplete: {dataset.decoded.problems[0]}")
+        entries = list((workdir / "data" / "decoded" / "synthetic").glob("*/*"))
+        out["cache_mb_per_video"] = round(sum(f.stat().st_size for e in entries for f in e.iterdir())
+                                          / max(len(entries), 1) / 1e6, 2)
     return out
+
+
+def profiles(data: Path, results: dict) -> None:
+    """The three item profiles (see the module docstring), printed and stored in `results`."""
+    ensure_decoded(data)
+    for key, options in (("profile_ms_per_clip_one_thread", {}), ("profile_with_disk_decoded_cache", {"disk": True}),
+                         ("profile_with_decoded_cache_in_memory", {"cached": True})):
+        results[key] = profile_loader(data, **options) | {"load": load()}
+        print(key, results[key], flush=True)
 
 
 def main() -> None:
@@ -213,16 +246,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--data", type=Path, default=None, help="keep the generated set here (reused if there)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline.json"))
+    parser.add_argument("--profile-only", action="store_true", help="only the per-item profiles (no training)")
     args = parser.parse_args()
     results: dict = {"cpu_count": os.cpu_count(), "load_start": load()}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         data = args.data or Path(tmp) / "data-only"
         if not (data / "data" / "flow").is_dir():
             results["set"] = make_set(data, args.videos)
-        results["profile_ms_per_clip_one_thread"] = profile_loader(data)
-        print("profile", results["profile_ms_per_clip_one_thread"], flush=True)
-        results["profile_with_decoded_cache"] = profile_loader(data, cached=True)
-        print("cached", results["profile_with_decoded_cache"], flush=True)
+        profiles(data, results)
+        if args.profile_only:
+            results["load_end"] = load()
+            write_json(args.out, results)
+            print(f"wrote {args.out}")
+            return
         results["bare"] = bare_steps(args.steps)
         print("bare", results["bare"], flush=True)
         results["pretrain"], results["finetune"] = [], []

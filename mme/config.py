@@ -84,6 +84,7 @@ class DataConfig:
     # Where the pre-training targets of a batch are built (mme/datasets/batching.py): in the training step on
     # its device, or in the loader's workers; auto = device on cuda, the measured CPU winner on CPU.
     targets_on: TargetsOn = "auto"
+    decoded_cache: bool = False  # extract writes, training datasets mmap decoded frames + flow (mme/motion/decoded.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -160,15 +161,10 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     label_smoothing: float = 0.1
-    # Fraction of the tube positions dropped from every training clip (a random tube mask per clip, as in
-    # pre-training); validation and testing always see every token. 0 = the standard recipe. The paper's
-    # ablations "reduce the input patches of fine-tuning to speed up the experiments" (section 4): the
-    # ablation trial budget uses this.
+    # Fraction of tube positions dropped from every training clip (val/test see all tokens; 0 = standard):
+    # the paper's ablations "reduce the input patches of fine-tuning"; the trial budget uses it.
     token_drop: float = 0.0
-    # Validate (single view, val split) after every val_every-th epoch and always after the last one: the
-    # val curve is for watching, nothing is chosen by it, and on 1 200 val clips a pass costs about a third
-    # of a mini training epoch.
-    val_every: int = 1
+    val_every: int = 1  # val after every N-th epoch and the last (only watched; 1 200 val clips cost time)
     accum_steps: int = 1
     amp: Amp = "bf16"
 
@@ -243,8 +239,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for `dvc repro` in about 20 minutes on 2 CPU cores; why the generated set is shaped this way
     # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
-        "data": {"synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False, "appearance": "shared",
-                               "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
+        "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
+                 "appearance": "shared", "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
         "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
         "pretrain": {"epochs": 6, "base_lr": 4e-3, "warmup_epochs": 1},
         "finetune": {"epochs": 10, "batch_size": 8, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0,

@@ -32,6 +32,9 @@ class Paths:
     def flow_dir(self, dataset: str) -> Path:
         return self.workdir / "data" / "flow" / dataset
 
+    def decoded_dir(self, dataset: str) -> Path:
+        return self.workdir / "data" / "decoded" / dataset
+
     def models_dir(self, stage: str) -> Path:
         return self.workdir / "models" / stage
 

@@ -9,6 +9,12 @@ allow it) applied to frames AND flow; the targets of `target.kind` built from th
 mask; optionally the input frames shuffled (`data.shuffle_frames`, the paper's Fig. 3: only the input order is
 shuffled, targets come from the real video).
 
+Where the decoded cache fits (`data.decoded_cache`, `mme.motion.decoded`): with it on, the pre-training items
+and the classification items of the train split take their frames, and the pre-training items their flow
+windows, from the video's memory-mapped entry instead of decoding the video and inflating the `.npz`; the
+sampling, crop and everything after it are the same code on the same numbers, so the items are equal. A
+missing, stale or damaged entry is not used: that video is decoded as without the cache (one warning).
+
 Randomness: every item draws from `np.random.default_rng([seed, epoch, index])` (start, crop, flip, mask,
 shuffle, in that order), so an item depends only on (seed, epoch, index): a resumed run, another worker
 count or another process sees the same data. Call `set_epoch` each epoch (the training loop does).
@@ -39,6 +45,7 @@ from mme.data.sampling import (
 from mme.data.transforms import CropParams, crop_flow, crop_frames, flip_allowed, normalize, sample_crop, spatial_crops
 from mme.data.video import read_clip
 from mme.motion.cache import FlowCache, cache_problem, expected_meta, flow_cache_path, load_flow
+from mme.motion.decoded import DecodedEntries
 from mme.motion.shots import cut_free_starts, cut_pair_flags
 from mme.motion.tracking import resize_flow
 from mme.paths import Paths
@@ -47,6 +54,7 @@ from mme.targets import TargetGeometry, TargetInputs, TargetSpec, get_target, pa
 FLIP_PROB = 0.5  # horizontal flip probability where flips are allowed
 
 FlowWindow = Callable[[int, int], np.ndarray]  # (first pair, stop pair) -> float32 (S, H, W, 2)
+FrameReader = Callable[[np.ndarray], np.ndarray]  # frame indices -> uint8 (T, H, W, 3), as `read_clip` gives them
 
 
 def item_rng(seed: int, epoch: int, index: int, *extra: int) -> np.random.Generator:
@@ -107,7 +115,7 @@ def clip_start(num_video_frames: int, span: int, cuts: list[int] | None, rng: np
 
 def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, flow_window: FlowWindow | None,
               rng: np.random.Generator, cuts: list[int] | None = None,
-              backward_window: FlowWindow | None = None) -> ClipSample:
+              backward_window: FlowWindow | None = None, frames_of: FrameReader | None = None) -> ClipSample:
     """Sample a start and a crop, decode the clip + the dense frames the target reads, augment frames and flow.
 
     Args:
@@ -118,6 +126,7 @@ def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, 
         cuts: the video's shot cuts (`FlowCache.cuts`), None when unknown: `cut_pairs` of the inputs, and with
             `data.avoid_cuts` the start is drawn among the cut-free windows.
         backward_window: the backward flow reader (`target.fb_check`), augmented exactly like the flow.
+        frames_of: reads the decoded frames instead of the video (the decoded cache); needs num_video_frames.
     """
     geo = TargetGeometry.from_cfg(cfg)
     base_span = clip_span(geo.num_frames, geo.stride)
@@ -129,7 +138,10 @@ def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, 
         drawn["start"], drawn["count"] = clip_start(count, span, cuts if cfg.data.avoid_cuts else None, rng), count
         return np.clip(drawn["start"] + np.asarray(offsets), 0, count - 1)
 
-    _, frames = read_clip(video, indices, short_side=cfg.data.short_side, num_frames=num_video_frames)
+    if frames_of is not None:
+        frames = frames_of(indices(num_video_frames))
+    else:
+        _, frames = read_clip(video, indices, short_side=cfg.data.short_side, num_frames=num_video_frames)
     start, count = drawn["start"], drawn["count"]
     height, width = frames.shape[1:3]
     crop = sample_crop(height, width, cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg), rng=rng)
@@ -212,6 +224,7 @@ class PretrainDataset(SharedEpoch, Dataset):
         self.items: list[tuple[str, int, Path | None]] = []
         self._caches: dict[Path, FlowCache] = {}
         self._counts: dict[str, int] = {}
+        self.decoded = DecodedEntries(workdir, dataset, cfg.data.short_side) if cfg.data.decoded_cache else None
         expected = expected_meta(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side,
                                  backward=self.fb_check)
         for rel, label in rows:
@@ -248,9 +261,14 @@ class PretrainDataset(SharedEpoch, Dataset):
         video = resolve_video(self.workdir, rel)
         if cache_path is not None:
             cache = self.flow_cache(cache_path)
-            backward = (lambda a, b: cache.window(a, b, backward=True)) if self.fb_check else None
-            return load_clip(self.cfg, self.spec, video, cache.num_pairs + 1, cache.window, rng, cuts=cache.cuts,
-                             backward_window=backward)
+            entry = self.decoded.get(rel, video, cache.meta, self.fb_check) if self.decoded else None
+            source = entry or cache  # the same windows, from the mapped codes or the .npz
+            backward = (lambda a, b: source.window(a, b, backward=True)) if self.fb_check else None
+            return load_clip(self.cfg, self.spec, video, cache.num_pairs + 1, source.window, rng, cuts=cache.cuts,
+                             backward_window=backward, frames_of=entry.frames if entry else None)
+        entry = self.decoded.get(rel, video) if self.decoded else None
+        if entry is not None:
+            return load_clip(self.cfg, self.spec, video, entry.num_frames, None, rng, frames_of=entry.frames)
         sample = load_clip(self.cfg, self.spec, video, self._counts.get(rel), None, rng)
         self._counts[rel] = sample.num_video_frames
         return sample
@@ -311,6 +329,9 @@ class VideoClsDataset(SharedEpoch, Dataset):
                                     f"run `mme download --dataset {cfg.data.dataset}`")
         self.num_classes = _num_classes(paths.lists_dir(cfg.data.dataset), self.items)
         self._counts: dict[str, int] = {}  # verified frame counts this process has read
+        # The decoded cache holds the train split (what extract decodes); test views always decode.
+        use_decoded = mode == "train" and split == "train" and cfg.data.decoded_cache
+        self.decoded = DecodedEntries(workdir, cfg.data.dataset, cfg.data.short_side) if use_decoded else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -321,9 +342,13 @@ class VideoClsDataset(SharedEpoch, Dataset):
         cfg = self.cfg
         if self.mode == "train":
             rng = item_rng(cfg.seed, self.epoch, index)
-            info, frames = read_clip(video, lambda count: TRAIN_SAMPLING[cfg.data.sampling](cfg, count, rng),
-                                     short_side=cfg.data.short_side, num_frames=self._counts.get(rel))
-            self._counts[rel] = info.num_frames
+            entry = self.decoded.get(rel, video) if self.decoded else None
+            if entry is not None:
+                frames = entry.frames(TRAIN_SAMPLING[cfg.data.sampling](cfg, entry.num_frames, rng))
+            else:
+                info, frames = read_clip(video, lambda count: TRAIN_SAMPLING[cfg.data.sampling](cfg, count, rng),
+                                         short_side=cfg.data.short_side, num_frames=self._counts.get(rel))
+                self._counts[rel] = info.num_frames
             crop = sample_crop(*frames.shape[1:3], cfg.data.input_size, crop_scale(cfg), flip_prob=flip_prob(cfg),
                                rng=rng)
             clip = normalize(crop_frames(frames, crop))

@@ -12,7 +12,15 @@ backward flow of every pair as well (the forward-backward occlusion check reads 
 The stage is resumable: a video whose cache is complete and was made with the same settings is reused; a
 missing, truncated, corrupt or stale one is (re)done; so is one written before cut detection, or without
 backward flow when `target.fb_check` needs it. `--shard i/N` takes every N-th video starting at the
-i-th, so N machines can share a dataset. A video that cannot be read is named, skipped, and listed in
+i-th, so N machines can share a dataset.
+
+With `data.decoded_cache` the stage also writes each of those videos' entry of the decoded cache,
+`data/decoded/<dataset>/<video_key>/` (`mme.motion.decoded`: its frames as decoded above and its flow
+cache's codes, uncompressed, for memory-mapped reads by the training datasets), reusing a complete one made
+from the same video and flow cache. The directory `data/decoded/<dataset>` always exists afterwards (DVC
+requires a declared output), and with the key off the stage writes nothing into it.
+
+A video that cannot be read is named, skipped, and listed in
 `reports/skipped.txt` and the metrics; the stage fails only when no video at all has a flow cache.
 Metrics go to `reports/metrics/extract.json` (`extract-shard-<i>-of-<N>.json` for a shard) and MLflow.
 """
@@ -20,6 +28,7 @@ Metrics go to `reports/metrics/extract.json` (`extract-shard-<i>-of-<N>.json` fo
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +42,8 @@ from mme.config import Config
 from mme.data.lists import read_list, resolve_video
 from mme.data.video import VideoError, read_frames, video_info
 from mme.engine.tracking import log_metrics, stage_run
-from mme.motion.cache import cache_problem, expected_meta, flow_cache_path, load_flow, save_flow
+from mme.motion.cache import FlowCache, cache_problem, expected_meta, flow_cache_path, load_flow, save_flow
+from mme.motion.decoded import decoded_entry_path, entry_problem, remove_stale_temps, write_entry
 from mme.motion.flow import FlowEstimator
 from mme.motion.shots import SHOT_DETECTOR, detect_cuts
 from mme.paths import Paths
@@ -69,6 +79,7 @@ class VideoJob:
     rel: str  # the video as written in the list
     video: Path  # the file it resolves to
     cache: Path  # its flow cache
+    decoded: Path | None = None  # its decoded-cache entry (None: data.decoded_cache is off)
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -121,13 +132,31 @@ def _remove_stale_temps(cache: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _decoded_record(job: VideoJob, settings: FlowSettings, frames, stored: FlowCache) -> dict[str, Any]:
+    """Reuse or (re)write the video's decoded-cache entry; `frames`: the frames just decoded, or None."""
+    if job.decoded is None:
+        return {}
+    # Flow just made: the entry is rewritten from the frames at hand, whatever an old one holds.
+    if frames is not None or entry_problem(job.decoded, job.video, settings.short_side, stored) is not None:
+        if frames is None:
+            frames = read_frames(job.video, range(stored.num_pairs + 1), short_side=settings.short_side)
+        remove_stale_temps(job.decoded)
+        write_entry(job.decoded, job.video, frames, stored, settings.short_side)
+        status = "written"
+    else:
+        status = "reused"
+    size = sum(f.stat().st_size for f in job.decoded.iterdir())
+    return {"decoded": status, "decoded_bytes": size}
+
+
 def process_video(job: VideoJob, settings: FlowSettings) -> dict[str, Any]:
-    """Reuse or (re)make one video's flow cache.
+    """Reuse or (re)make one video's flow cache, and its decoded-cache entry when `job.decoded` is set.
 
     Returns a record with `video`, `status` (`reused`, `extracted` or `skipped`), and for a cache that
-    exists afterwards `pairs`, `cuts` (shot cuts found), `bytes`, `float32_bytes`; `reason` for a skip or
-    a redo, `seconds` of work.
+    exists afterwards `pairs`, `cuts` (shot cuts found), `bytes`, `float32_bytes`, with the decoded cache
+    `decoded` (`reused` or `written`) and `decoded_bytes`; `reason` for a skip or a redo, `seconds` of work.
     """
+    frames = None
     start = time.perf_counter()
     record: dict[str, Any] = {"video": job.rel}
     problem = cache_problem(job.cache, settings.expected_meta())
@@ -151,10 +180,16 @@ def process_video(job: VideoJob, settings: FlowSettings) -> dict[str, Any]:
         except VIDEO_FAILURES as exc:
             # A stale cache of a video that can no longer be read must not pass for its flow.
             job.cache.unlink(missing_ok=True)
+            if job.decoded is not None:
+                shutil.rmtree(job.decoded, ignore_errors=True)
             return record | {"status": "skipped", "reason": str(exc) or type(exc).__name__,
                              "seconds": time.perf_counter() - start}
         record["status"] = "extracted"
     stored = load_flow(job.cache)
+    try:
+        record |= _decoded_record(job, settings, frames, stored)
+    except VIDEO_FAILURES as exc:  # the flow cache stands; only the optional entry is missing
+        record["decoded_failure"] = str(exc) or type(exc).__name__
     num_pairs, height, width, _ = stored.shape
     return record | {"pairs": num_pairs, "cuts": len(stored.meta.get("cuts", [])), "bytes": job.cache.stat().st_size,
                      "float32_bytes": num_pairs * height * width * 2 * FLOAT32_BYTES,
@@ -173,7 +208,8 @@ def _outcomes(jobs: list[VideoJob], settings: FlowSettings, workers: int):
         yield from pool.imap_unordered(work, jobs, chunksize=1)
 
 
-def _plan(workdir: Path, dataset: str, videos: list[str]) -> tuple[list[VideoJob], list[tuple[str, str]]]:
+def _plan(workdir: Path, dataset: str, videos: list[str],
+          decoded: bool = False) -> tuple[list[VideoJob], list[tuple[str, str]]]:
     """Jobs for the videos, and the videos whose cache name another video already takes."""
     jobs, collisions, owners = [], [], {}
     for rel in videos:
@@ -182,7 +218,8 @@ def _plan(workdir: Path, dataset: str, videos: list[str]) -> tuple[list[VideoJob
             collisions.append((rel, f"its flow cache {cache} is already used by {owners[cache]}"))
             continue
         owners[cache] = rel
-        jobs.append(VideoJob(rel, resolve_video(workdir, rel), cache))
+        entry = decoded_entry_path(workdir, dataset, rel) if decoded else None
+        jobs.append(VideoJob(rel, resolve_video(workdir, rel), cache, entry))
     return jobs, collisions
 
 
@@ -208,6 +245,9 @@ def _summary(num_videos: int, records: list[dict[str, Any]], skipped: list[tuple
         "bytes_on_disk": bytes_on_disk,
         "float32_bytes": float32_bytes,
         "compression": round(float32_bytes / bytes_on_disk, 2) if bytes_on_disk else 0.0,
+        "decoded_written": sum(r.get("decoded") == "written" for r in done),
+        "decoded_bytes": sum(r.get("decoded_bytes", 0) for r in done),
+        "decoded_failed": sum("decoded_failure" in r for r in done),
         "backend": settings.backend,
         "compensate_camera": settings.compensate_camera,
         "short_side": settings.short_side,
@@ -238,7 +278,8 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
     workers = cfg.flow.workers if workers is None else workers
     settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
     videos = listed_videos(paths, dataset, splits)[shard_index::shard_count]
-    jobs, skipped = _plan(paths.workdir, dataset, videos)
+    jobs, skipped = _plan(paths.workdir, dataset, videos, decoded=cfg.data.decoded_cache)
+    paths.decoded_dir(dataset).mkdir(parents=True, exist_ok=True)
     label = "extract" if shard_count == 1 else f"extract-shard-{shard_index}-of-{shard_count}"
 
     records = []
@@ -253,6 +294,8 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
                     skipped.append((record["video"], record["reason"]))
                 elif record["status"] == "extracted":
                     extracted_pairs += record["pairs"]
+                if "decoded_failure" in record:
+                    bar.write(f"no decoded-cache entry for {record['video']}: {record['decoded_failure']}")
                 bar.set_postfix(pairs_per_s=f"{extracted_pairs / (time.perf_counter() - start):.0f}")
                 bar.update()
         skipped.sort()
