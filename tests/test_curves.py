@@ -54,6 +54,15 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
     def no_probe(*_a, **_k):
         raise AssertionError("a probed point was probed again")
 
-    monkeypatch.setattr(curves, "probe_point", no_probe)
-    again = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
+    with monkeypatch.context() as patch:
+        patch.setattr(curves, "probe_point", no_probe)
+        again = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
     assert again == store
+
+    # Another probe recipe re-fits the heads of every point on the features each point cached.
+    from mme.stages import probe
+
+    monkeypatch.setattr(probe, "compute_features", lambda *_a, **_k: no_probe())
+    refit = curves.curve("smoke", ["probe.epochs=2"], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
+    assert all(refit[k]["recipe"] != store[k]["recipe"] for k in ("0", "1", str(EPOCHS)))
+    assert {refit[k]["metrics"]["epochs"] for k in ("0", "1")} <= {2, 4}

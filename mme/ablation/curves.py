@@ -8,9 +8,10 @@ encoder of the same seed (same clips) with its CI (mme.reports.stats).
 
 A snapshot inside a longer cosine schedule is not the end of a shorter schedule (its learning rate has not
 decayed), so a curve point is a lower bound on what a schedule of that length reaches; the end of the
-curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>/` (data symlinked from `data_dir`), so an
-interrupted curve resumes: a finished pre-training is reused, and probed snapshots are read back from
-`curve.json` instead of being probed again.
+curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>/` (data symlinked from `data_dir`), each
+probed encoder in its own `points/e<epoch>/` with its token features cached, so an interrupted curve
+resumes: a finished pre-training is reused, a probed point is read back from `curve.json` unless the probe
+recipe changed (`probe.RECIPE`, cfg.probe), and then only its heads are fitted again.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ METRICS = ("probe_top1", "attentive_top1")
 RANDOM_EPOCH = 0  # the untrained encoder's row
 
 
-def run_dir(root: Path, data_dir: Path, kind: str, seed: int) -> Path:
-    """`<root>/<kind>-s<seed>` with `data/` linked to the prepared data of `data_dir`."""
-    workdir = root / f"{kind}-s{seed}"
+def run_dir(workdir: Path, data_dir: Path) -> Path:
+    """`workdir`, created, with `data/` linked to the prepared data of `data_dir`."""
     workdir.mkdir(parents=True, exist_ok=True)
     link = workdir / "data"
     if not link.exists():
@@ -41,15 +41,23 @@ def run_dir(root: Path, data_dir: Path, kind: str, seed: int) -> Path:
     return workdir
 
 
-def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
-    """The probe stage on one encoder: its metrics and per-clip test record (encoded)."""
+def recipe(cfg: Any) -> str:
+    """What a probed point's numbers depend on besides the encoder: the probe config and grid version."""
     from mme.stages import probe
 
-    metrics = probe.run(cfg, workdir, init=init)
+    return json.dumps({"recipe": probe.RECIPE, "probe": cfg.to_dict()["probe"]}, sort_keys=True)
+
+
+def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
+    """The probe stage on one encoder (features reused from `workdir` when it probed the same one before):
+    its metrics and per-clip test record (encoded)."""
+    from mme.stages import probe
+
+    metrics = probe.run(cfg, workdir, init=init, resume=True)
     name = probe.stage_name(cfg, init)
     record = json.loads((Paths(workdir).metrics_dir / f"{name}.per_clip.json").read_text())
     keep = ("top1", "attentive_top1", "val_top1", "attentive_val_top1", "lr", "epochs", "seconds")
-    return {"metrics": {k: metrics.get(k) for k in keep}, "per_clip": record}
+    return {"metrics": {k: metrics.get(k) for k in keep}, "per_clip": record, "recipe": recipe(cfg)}
 
 
 def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: int, snapshots: Sequence[int],
@@ -58,17 +66,17 @@ def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: i
     from mme.stages import pretrain
 
     cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
-    workdir = run_dir(root, data_dir, kind, seed)
+    workdir = run_dir(root / f"{kind}-s{seed}", data_dir)
     store = workdir / "curve.json"
     done = json.loads(store.read_text()) if store.exists() else {}
     points = sorted({*snapshots, epochs})
     if not (Paths(workdir).models_dir("pretrain") / FINAL).exists():
         done["pretrain"] = pretrain.run(cfg, workdir, snapshots=tuple(points))
     for epoch in [RANDOM_EPOCH, *points]:
-        if str(epoch) in done:
+        if done.get(str(epoch), {}).get("recipe") == recipe(cfg):
             continue
         init = "random" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
-        done[str(epoch)] = probe_point(cfg, workdir, init)
+        done[str(epoch)] = probe_point(cfg, run_dir(workdir / "points" / f"e{epoch}", data_dir), init)
         write_json(store, done)
     return done
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ SPLITS = ("train", "val", "test")
 LINEAR_LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 LINEAR_EPOCH_FACTORS = (1, 2)
 ATTENTIVE_LR_FACTORS = (1.0,)  # x probe.attentive_lr: one point, each costs minutes on 2 cores (README)
+RECIPE = 2  # bumped whenever the grids or heads change: probed numbers of another recipe are not comparable
 ATTENTIVE_WEIGHT_DECAY = 0.05  # the attentive head has a block of weights to regularise; the linear one does not
 METRIC_KEYS = {"linear": "probe_top1", "attentive": "attentive_top1"}  # per-clip record keys (the trial metrics)
 
@@ -119,7 +121,13 @@ def compute_features(cfg: Config, paths: Paths, env: DistEnv, encoder: nn.Module
 
 
 def _source(cfg: Config, init: Path | None, random: bool) -> str:
-    return f"{RANDOM}:seed={cfg.seed}:model={cfg.digest()}" if random else str(init)
+    """What the features are a function of: the encoder (a checkpoint, or the seed and model of the untrained
+    one) and the data settings; not the probe's own settings, so another probe recipe reuses them."""
+    def digest(value: Any) -> str:
+        return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    data = digest(cfg.to_dict()["data"])
+    return f"{RANDOM}:seed={cfg.seed}:model={digest(model_args(cfg))}:data={data}" if random else f"{init}:data={data}"
 
 
 def cached_features(cfg: Config, paths: Paths, env: DistEnv, name: str, init: Path | None, random: bool,
