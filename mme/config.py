@@ -242,10 +242,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
                  "appearance": "shared", "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
         "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
-        "pretrain": {"epochs": 6, "base_lr": 4e-3, "warmup_epochs": 1},
+        "pretrain": {"epochs": 16, "base_lr": 4e-3, "warmup_epochs": 1},
         "finetune": {"epochs": 10, "batch_size": 8, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0,
-                     "cutmix": 0.0},
-    },
+                     "cutmix": 0.0, "val_every": 5},
+        "evaluate": {"num_clips": 1, "num_crops": 1}},
     "paper": {
         "data": {"short_side": 256, "input_size": 224, "num_frames": 16, "stride": 3, "num_workers": 10},
         "flow": {"backend": "farneback"},
