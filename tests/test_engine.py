@@ -160,3 +160,22 @@ def test_epoch_recorder_rewrites_csv_with_history(tmp_path):
     recorder.record(1, {"loss": 1.0, "val_top1": 50.0})
     rows = list(csv.DictReader((tmp_path / "plots" / "x.csv").open()))
     assert [r["epoch"] for r in rows] == ["0", "1"] and rows[1]["val_top1"] == "50.0" and rows[0]["val_top1"] == ""
+
+
+def test_per_clip_top1_agrees_with_top1_accuracy_under_ties():
+    """bf16 logits can tie: the class a per-clip record counts must be the one `topk_accuracy` counts, so a
+    record's mean equals the reported top-1 (argmax and topk may break a tie differently)."""
+    from mme.engine.loops import topk_accuracy
+    from mme.reports import per_clip
+    from mme.stages.evaluate import confusion_matrix, top1_predictions
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(400, 6, generator=g).to(torch.bfloat16).float()
+    probs[:200, 3] = probs[:200, 1] = probs[:200].max(dim=1).values + 0.1  # classes 1 and 3 tie on half
+    labels = torch.randint(0, 6, (400,), generator=g)
+    labels[:100], labels[100:200] = 1, 3
+    record = per_clip.from_predictions([str(i) for i in range(400)], labels.tolist(),
+                                       {"ft_top1": top1_predictions(probs).tolist()})
+    top1 = topk_accuracy(probs, labels)["top1"]
+    assert 100.0 * record.correct["ft_top1"].mean() == pytest.approx(top1)
+    assert 100.0 * float(confusion_matrix(probs, labels, 6).diagonal().sum()) / 400 == pytest.approx(top1)

@@ -50,8 +50,8 @@ FLOOR_OVERRIDES = ("probe.init=random", "finetune.init=scratch")
 # studies instead of resuming old ones.
 TRIAL_BUDGET: dict[str, tuple[str, ...]] = {
     "smoke": (),
-    "mini": ("pretrain.epochs=2", "pretrain.warmup_epochs=1", "finetune.epochs=2", "finetune.warmup_epochs=1",
-             "finetune.token_drop=0.5"),
+    "mini": ("pretrain.epochs=12", "pretrain.warmup_epochs=1", "finetune.epochs=6", "finetune.warmup_epochs=1",
+             "finetune.token_drop=0.5", "finetune.val_every=6"),
     "paper": (),
 }
 

@@ -49,9 +49,16 @@ def output_name(checkpoint: dict[str, Any]) -> str:
     return STAGE + (stage.removeprefix("finetune") if stage.startswith("finetune") else "")
 
 
+def top1_predictions(probs: torch.Tensor) -> torch.Tensor:
+    """(n, C) -> (n,) the class `topk_accuracy` counts as top-1: with bf16 logits two classes can tie, and
+    `argmax` may break the tie differently from `topk`, so the confusion matrix and the per-clip record
+    use this (their top-1 then equals the reported one)."""
+    return probs.topk(1, dim=1).indices[:, 0]
+
+
 def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(n, C) probabilities, (n,) labels -> (C, C) counts; row = true class, column = prediction."""
-    flat = labels * num_classes + probs.argmax(dim=1)
+    flat = labels * num_classes + top1_predictions(probs)
     return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
@@ -130,7 +137,7 @@ def run(cfg: Config, workdir: str | Path, init: str | Path | None = None, **_: A
                 write_metrics(paths.metrics_dir / f"{name}.json", result, details=("per_class_accuracy",))
                 clips = [dataset.items[int(i)][0] for i in indices]
                 write_json(paths.metrics_dir / f"{name}.per_clip.json", per_clip.encode(per_clip.from_predictions(
-                    clips, labels.tolist(), {PER_CLIP_METRIC: probs.argmax(dim=1).tolist()})))
+                    clips, labels.tolist(), {PER_CLIP_METRIC: top1_predictions(probs).tolist()})))
                 plot_confusion(confusion, names, figure)
                 log_artifact(figure, "figures")
                 log_artifact(paths.metrics_dir / f"{name}.json", "metrics")
