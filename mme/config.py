@@ -236,7 +236,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"epochs": 5, "batch_size": 8},
         "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
     },
-    # Sized for `dvc repro` in about 20 minutes on 2 CPU cores; why the generated set is shaped this way
+    # `dvc repro` measured 28 minutes on 2 CPU cores (README); why the generated set is shaped this way
     # (one shared look, magnified, no distractors or pan): docs/deviations.md.
     "mini": {
         "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
