@@ -154,7 +154,9 @@ def test_report_without_trials_writes_no_table(tmp_path, smoke_cfg, capsys):
     assert result["tables"] == [] and "no finished ablation trial" in result["message"]
     assert "ablate.py" in capsys.readouterr().err
     assert not (tmp_path / "optuna.db").exists()  # reading must not create an empty store
-    assert not (tmp_path / "reports/tables").exists() and not (tmp_path / "reports/README.md").exists()
+    assert not (tmp_path / "reports/tables").exists()
+    readme = (tmp_path / "reports/README.md").read_text()  # replaced, so no stale table outlives its storage
+    assert "## Ablation tables\n\nNone: no finished ablation trial" in readme and "Table 7a" not in readme
     assert (tmp_path / "reports/metrics/report.json").exists()  # the DVC stage declares this metrics file
 
 
