@@ -4,7 +4,7 @@
         [--seeds 0] [--preset mini] [--root runs/curves] [--set key=value ...] [--out reports/curves/...csv]
 
 `--data` is a workdir whose `data/` holds the prepared videos, lists and train flow caches (e.g. the repo
-root after `dvc repro extract`). What a point means and how to read it: mme.ablation.curves and
+root after `dvc repro extract`). What a point means and how to read it: mme.stages.curves and
 experiments/README.md. Interrupted runs resume where they stopped.
 """
 
@@ -15,8 +15,8 @@ import csv
 import io
 from pathlib import Path
 
-from mme.ablation.curves import curve, curve_rows
 from mme.config import PRESETS
+from mme.stages.curves import curve, curve_rows
 from mme.utils import write_text_atomic
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from mme.ablation import curves
 from mme.engine.checkpointing import FINAL
 from mme.engine.fit import snapshot_path
 from mme.paths import Paths
+from mme.stages import curves
 
 EPOCHS = 2
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "learning_curves.py"
