@@ -110,17 +110,21 @@ def test_sigint_marks_the_run_killed(tmp_path):
         import time
         from mme.config import load_config
         from mme.engine.tracking import stage_run
+        import os
         with stage_run(load_config("smoke"), r"{tmp_path}", "pretrain") as run:
-            open(r"{tmp_path}/run_id", "w").write(run.info.run_id)
-            time.sleep(120)
+            with open(r"{tmp_path}/run_id.tmp", "w") as f:
+                f.write(run.info.run_id)
+            os.replace(r"{tmp_path}/run_id.tmp", r"{tmp_path}/run_id")  # whole, or not there
+            time.sleep(300)
     """)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
-    deadline = time.time() + 90
-    while not (tmp_path / "run_id").exists() and time.time() < deadline:
+    deadline = time.time() + 180  # a fresh venv's first MLflow store can take a while on a loaded machine
+    while not (tmp_path / "run_id").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert (tmp_path / "run_id").exists(), "the child never opened its run; SIGINT would not test the run's end"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    assert proc.wait(timeout=120) != 0
     run_id = (tmp_path / "run_id").read_text()
     assert MlflowClient(tracking_uri(tmp_path)).get_run(run_id).info.status == "KILLED"
 
