@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "(see experiments/README.md)")
     parser.add_argument("--study", required=True, help=f"one of: {', '.join(STUDIES)}, or all")
     parser.add_argument("--preset", default="mini", choices=tuple(PRESETS))
+    parser.add_argument("--settings", default=None, metavar="LABEL,LABEL",
+                        help="run only these rows (comma-separated labels; the reference and 'Random init' rows "
+                        "are always added); a later run without it does the rest")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per setting (default 1)")
     parser.add_argument("--storage", default=None, help="Optuna storage: sqlite:///…, postgresql://…, mysql://…, "
                         "journal:///path.log or a path ending .journal/.log (default sqlite:///<workdir>/optuna.db)")

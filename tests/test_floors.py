@@ -123,13 +123,13 @@ def test_the_floor_is_one_config_across_tables():
     for study in STUDIES.values():
         cfg = load_config("mini", [*study.base, *study.setting(FLOOR).overrides, "seed=0"])
         for part in keys:
-            keys[part].add(chain.floor_key(cfg, part))
+            keys[part].add(chain.part_key(cfg, part))
     assert all(len(found) == 1 for found in keys.values()), keys
     base = load_config("mini", list(FLOOR_OVERRIDES))
-    assert chain.floor_key(base, "probe") != chain.floor_key(load_config("mini", [*FLOOR_OVERRIDES, "seed=1"]), "probe")
-    assert chain.floor_key(base, "probe") != chain.floor_key(load_config("mini", [*FLOOR_OVERRIDES, "data.stride=2"]),
+    assert chain.part_key(base, "probe") != chain.part_key(load_config("mini", [*FLOOR_OVERRIDES, "seed=1"]), "probe")
+    assert chain.part_key(base, "probe") != chain.part_key(load_config("mini", [*FLOOR_OVERRIDES, "data.stride=2"]),
                                                              "probe")
-    assert chain.floor_key(base, "probe") == chain.floor_key(load_config("mini", [*FLOOR_OVERRIDES,
+    assert chain.part_key(base, "probe") == chain.part_key(load_config("mini", [*FLOOR_OVERRIDES,
                                                                                   "finetune.epochs=3"]), "probe")
 
 

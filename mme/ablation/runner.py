@@ -70,6 +70,7 @@ from mme.ablation.studies import (
     ATTR_PARENT_RUN,
     ATTR_PRESET,
     ATTR_STUDY,
+    FLOOR,
     METRICS,
     RECORDS,
     Study,
@@ -114,12 +115,14 @@ class Plan:
     storage: str
     workdir: Path
     runner: str | None
+    only: tuple[str, ...] = ()  # --settings: the labels this run works on (empty: all); see selected_labels
 
     def search_space(self) -> dict[str, list[Any]]:
         return {"setting": list(self.study.labels), "seed": list(range(self.seeds))}
 
     def points(self) -> list[Point]:
-        return [(label, seed) for label in self.study.labels for seed in range(self.seeds)]
+        """The grid points this run works on: the selected settings x seeds 0..N-1."""
+        return [(label, seed) for label in selected_labels(self.study, self.only) for seed in range(self.seeds)]
 
     def base_config(self) -> Config:
         return load_config(self.preset, [*trial_budget(self.preset), *self.study.base, *self.overrides])
@@ -134,6 +137,17 @@ class Plan:
         return self.workdir / "trials" / self.name / f"{slug}-seed{seed}"
 
 
+def selected_labels(study: Study, only: tuple[str, ...]) -> tuple[str, ...]:
+    """`only` (empty: every setting) plus the reference and floor rows, which every table compares with,
+    in the study's row order; an unknown label raises a `KeyError` naming the study's settings."""
+    if not only:
+        return study.labels
+    for label in only:
+        study.setting(label)
+    wanted = {*only, study.reference, FLOOR}
+    return tuple(label for label in study.labels if label in wanted)
+
+
 def make_plan(name: str, args: argparse.Namespace) -> Plan:
     study = get_study(name)
     swept = {o.split("=", 1)[0] for s in study.settings for o in s.overrides}
@@ -146,8 +160,10 @@ def make_plan(name: str, args: argparse.Namespace) -> Plan:
     overrides, budget = tuple(args.overrides), trial_budget(args.preset)
     dataset = load_config(args.preset, [*budget, *study.base, *overrides]).data.dataset
     workdir = args.workdir.resolve()
+    only = tuple(label.strip() for label in (getattr(args, "settings", None) or "").split(",") if label.strip())
+    selected_labels(study, only)
     return Plan(study, optuna_study_name(name, args.preset, dataset, overrides, budget), args.preset, dataset,
-                overrides, args.seeds, args.storage or Paths(workdir).optuna_uri, workdir, args.runner)
+                overrides, args.seeds, args.storage or Paths(workdir).optuna_uri, workdir, args.runner, only)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,6 +312,8 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
     seed = trial.suggest_int("seed", 0, plan.seeds - 1)
     trials = study.get_trials(deepcopy=False)
     me = next(t for t in trials if t.number == trial.number)
+    if (label, seed) not in plan.points():  # queued by a run with other --settings: left for a later run
+        raise optuna.TrialPruned(f"{label} seed {seed} is not among this run's --settings")
     reason = blocking_reason(trials, me, (label, seed))
     if reason:
         raise optuna.TrialPruned(reason)

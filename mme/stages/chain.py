@@ -8,9 +8,14 @@ of the multi-view test of the fine-tuned classifier, `probe_top1` and `attentive
 probes, and `per_clip`, the encoded per-clip test record of those metrics (`mme.reports.per_clip`).
 
 The floor trial (`probe.init=random` and `finetune.init=scratch`, the tables' "Random init" row) runs no
-pre-training: it probes the untrained encoder and fine-tunes from scratch. Its results depend only on the
-classification-relevant part of the resolved config (`floor_key`), so they are stored once per key under
-`<workdir>/trials/floors/` and reused by every table whose floor resolves to the same config.
+pre-training: it probes the untrained encoder and fine-tunes from scratch.
+
+Shared results: a trial's parts (`pretrain`, `finetune`, `probe`) are stored under
+`<workdir>/trials/shared/<part>-<digest>.json`, keyed by what the part reads from the resolved config
+(`part_key`), and reused by any later trial, of any table, that resolves to the same key. So the reference
+`traj` setting, which eight tables share, is pre-trained once per seed, and the floor once per
+classification-relevant config (its key drops the pre-training-only sections). A trained trial reuses its
+parts only when all of them are stored: a part missing means pre-training anyway, and then every part runs.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ from mme.paths import Paths
 from mme.reports import per_clip
 from mme.utils import write_json
 
-FLOOR_DIR = "floors"
+SHARED_DIR = "shared"
+PARTS = ("pretrain", "finetune", "probe")  # in running order; a trial runs those named in its stages
 # Config sections and keys that only pre-training reads: a floor trial's results do not depend on them.
 PRETRAIN_ONLY = ("target", "mask", "pretrain", "flow")
 PRETRAIN_ONLY_KEYS = {"data": ("shuffle_frames",), "model": ("decoder_dim", "decoder_depth", "decoder_num_heads",
                                                              "decoder_mode")}
-PART_SECTIONS = {"probe": ("probe",), "finetune": ("finetune",)}  # the section of the other part is dropped
+UNREAD_SECTIONS = {"pretrain": ("finetune", "probe", "evaluate"), "finetune": ("probe",), "probe": ("finetune",)}
 
 
 def is_floor(cfg: Config) -> bool:
@@ -40,40 +46,65 @@ def is_floor(cfg: Config) -> bool:
     return cfg.probe.init == "random" and cfg.finetune.init == "scratch"
 
 
-def floor_key(cfg: Config, part: str) -> str:
-    """Digest of what the floor's `part` (`probe` | `finetune`) reads from the resolved config."""
+def part_key(cfg: Config, part: str) -> str:
+    """Digest of what the trial's `part` (one of PARTS) reads from the resolved config; the probe's also
+    holds the probe recipe's version, so a new recipe is not answered by an old result."""
+    from mme.stages import probe
+
     tree = cfg.to_dict()
-    for section in (*PRETRAIN_ONLY, *(s for p, sections in PART_SECTIONS.items() if p != part for s in sections)):
+    for section in UNREAD_SECTIONS[part] + (PRETRAIN_ONLY if is_floor(cfg) else ()):
         tree.pop(section, None)
-    for section, keys in PRETRAIN_ONLY_KEYS.items():
-        for key in keys:
-            tree[section].pop(key, None)
+    if is_floor(cfg):
+        for section, keys in PRETRAIN_ONLY_KEYS.items():
+            for key in keys:
+                tree[section].pop(key, None)
+    if part == "probe":
+        tree["probe_recipe"] = probe.RECIPE
     text = json.dumps(tree, sort_keys=True, default=str)
     return f"{part}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 
 
 def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> dict[str, Any]:
-    """The real trial: pretrain -> finetune + evaluate -> probe (those named in `stages`) on `trial_dir`.
-
-    Pre-training time is the stage's own `seconds` when it reports one, else the wall time of the call.
-    """
-    from mme.stages import pretrain
-
+    """The real trial on `trial_dir`: pretrain (not for a floor) -> finetune + evaluate -> probe (those
+    named in `stages`), each part reused from the shared results when stored."""
+    parts = [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
+    store = shared_workdir(trial_dir) / "trials" / SHARED_DIR
+    saved = {part: _load_part(store / f"{part_key(cfg, part)}.json") for part in parts}
+    if not is_floor(cfg) and not all(found is not None for found in saved.values()):
+        saved = {}  # a trained part needs this trial's own pre-training: run every part
     metrics: dict[str, Any] = {}
-    if not is_floor(cfg):
-        started = time.perf_counter()
-        result = pretrain.run(cfg, trial_dir)
-        metrics = {"pretrain_seconds": float(result.get("seconds", time.perf_counter() - started)),
-                   "pretrain_loss": _pick(result, ("loss",), "pretrain")}
     records = []
-    for part, run_part in (("finetune", _finetune), ("probe", _probe)):
-        if part in stages:
-            found, record = _floor_part(cfg, trial_dir, part, run_part) if is_floor(cfg) else run_part(cfg, trial_dir)
-            metrics |= found
-            records.append(record)
+    for part in parts:
+        if saved.get(part) is not None:
+            found, record = saved[part]
+            print(f"ablate: {part} reused from {store / part_key(cfg, part)}.json", flush=True)
+        else:
+            found, record = RUN_PART[part](cfg, trial_dir)
+            write_json(store / f"{part_key(cfg, part)}.json",
+                       {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
+                        "trial_dir": str(trial_dir)})
+        metrics |= found
+        records += [record] if record else []
     if records:
         metrics[per_clip.PER_CLIP_ATTR] = per_clip.encode(merge_records(records))
     return metrics
+
+
+def _load_part(path: Path) -> tuple[dict[str, float], per_clip.PerClip | None] | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["metrics"], per_clip.decode(saved["per_clip"]) if saved["per_clip"] else None
+
+
+def _pretrain(cfg: Config, trial_dir: Path) -> tuple[dict[str, float], None]:
+    """Pre-train; its time is the stage's own `seconds` when it reports one, else the wall time of the call."""
+    from mme.stages import pretrain
+
+    started = time.perf_counter()
+    result = pretrain.run(cfg, trial_dir)
+    return {"pretrain_seconds": float(result.get("seconds", time.perf_counter() - started)),
+            "pretrain_loss": _pick(result, ("loss",), "pretrain")}, None
 
 
 def _finetune(cfg: Config, trial_dir: Path) -> tuple[dict[str, float], per_clip.PerClip]:
@@ -97,6 +128,9 @@ def _probe(cfg: Config, trial_dir: Path) -> tuple[dict[str, float], per_clip.Per
     return found, _read_record(trial_dir, probe.stage_name(cfg))
 
 
+RUN_PART = {"pretrain": _pretrain, "finetune": _finetune, "probe": _probe}
+
+
 def _read_record(trial_dir: Path, stem: str) -> per_clip.PerClip:
     return per_clip.decode(json.loads((Paths(trial_dir).metrics_dir / f"{stem}.per_clip.json").read_text()))
 
@@ -105,18 +139,6 @@ def shared_workdir(trial_dir: Path) -> Path:
     """The study's workdir: where the trial's `data` link points (the trial directory itself without one)."""
     link = Path(trial_dir) / "data"
     return Path(os.path.realpath(link)).parent if link.is_symlink() else Path(trial_dir)
-
-
-def _floor_part(cfg: Config, trial_dir: Path, part: str, run_part: Any) -> tuple[dict[str, float], per_clip.PerClip]:
-    """The floor's `part`, reused from `trials/floors/<key>.json` when a trial of any table already ran it."""
-    store = shared_workdir(trial_dir) / "trials" / FLOOR_DIR / f"{floor_key(cfg, part)}.json"
-    if store.is_file():
-        saved = json.loads(store.read_text())
-        print(f"ablate: floor {part} reused from {store}", flush=True)
-        return saved["metrics"], per_clip.decode(saved["per_clip"])
-    found, record = run_part(cfg, trial_dir)
-    write_json(store, {"metrics": found, "per_clip": per_clip.encode(record), "trial_dir": str(trial_dir)})
-    return found, record
 
 
 def merge_records(records: list[per_clip.PerClip]) -> per_clip.PerClip:

@@ -1,0 +1,136 @@
+"""Shared trial results (mme.stages.chain): a setting several tables share runs once per seed and is
+reused by its resolved config; and `--settings`, which runs part of a study's grid (reference and floor
+always included) and leaves the rest for a later run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mme.ablation import STUDIES
+from mme.ablation.studies import FLOOR, FULL_CHAIN
+from mme.config import load_config
+from mme.reports import per_clip
+from mme.stages import chain
+from tests.test_ablate import ABLATE, _load_ablate, fake_runner  # noqa: F401  (fake_runner is a fixture)
+
+
+@pytest.fixture
+def counted_parts(monkeypatch) -> list[tuple[str, int, str]]:
+    """Replace the three parts by fakes that log (part, seed, target kind) and return seed-dependent results."""
+    calls: list[tuple[str, int, str]] = []
+
+    def fake(part: str):
+        def run(cfg, trial_dir):
+            calls.append((part, cfg.seed, cfg.target.kind))
+            if part == "pretrain":
+                return {"pretrain_seconds": 10.0 + cfg.seed, "pretrain_loss": 0.5}, None
+            metric = "ft_top1" if part == "finetune" else "probe_top1"
+            right = [float((i + cfg.seed) % 3 == 0) for i in range(6)]
+            return {metric: 100 * sum(right) / 6}, per_clip.PerClip(tuple(f"c{i}" for i in range(6)), {metric: right})
+        return run
+
+    for part in chain.PARTS:
+        monkeypatch.setitem(chain.RUN_PART, part, fake(part))
+    return calls
+
+
+def _trial_dir(workdir: Path, study: str, name: str) -> Path:
+    trial = workdir / "trials" / study / name
+    trial.mkdir(parents=True)
+    (workdir / "data").mkdir(exist_ok=True)
+    (trial / "data").symlink_to(workdir / "data", target_is_directory=True)
+    return trial
+
+
+def _cfg(study: str, label: str, seed: int):
+    s = STUDIES[study]
+    return load_config("mini", [*s.base, *s.setting(label).overrides, f"seed={seed}"])
+
+
+def test_the_reference_traj_runs_once_per_seed_across_tables(tmp_path, counted_parts):
+    first = chain.run_stage_chain(_cfg("length", "L=6", 0), _trial_dir(tmp_path, "length", "l6-s0"), FULL_CHAIN)
+    assert [c[0] for c in counted_parts] == ["pretrain", "finetune", "probe"]
+    for study, label in (("content", "Traj"), ("norm", "w/ patch norm"), ("shuffle", "MME raw video"),
+                         ("masking", "70% tube"), ("decoder", "Joint depth 1")):
+        again = chain.run_stage_chain(_cfg(study, label, 0), _trial_dir(tmp_path, study, "ref-s0"), FULL_CHAIN)
+        assert again == first, study
+    assert len(counted_parts) == 3  # nothing ran again
+    chain.run_stage_chain(_cfg("content", "Traj", 1), _trial_dir(tmp_path, "content", "ref-s1"), FULL_CHAIN)
+    chain.run_stage_chain(_cfg("length", "L=8", 0), _trial_dir(tmp_path, "length", "l8-s0"), FULL_CHAIN)
+    assert len(counted_parts) == 9  # another seed and another setting are other trials
+    shared = {"interpolation": "Traj interp", "length": "L=6", "density": "Dense", "stride": "s=3"}
+    keys = {chain.part_key(_cfg(study, label, 0), "finetune") for study, label in shared.items()}
+    assert len(keys) == 1  # every table's reference traj row resolves to one trial
+
+
+def test_a_trial_missing_a_part_runs_every_part(tmp_path, counted_parts):
+    """The probe table's trial (pretrain + probe) reuses a full trial; a full trial after a probe-only one
+    must pre-train for its fine-tune, so it runs everything again (and replaces the stored parts)."""
+    cfg = _cfg("probe", "MME (traj)", 0)
+    chain.run_stage_chain(cfg, _trial_dir(tmp_path, "probe", "a"), ("pretrain", "probe"))
+    assert [c[0] for c in counted_parts] == ["pretrain", "probe"]
+    chain.run_stage_chain(cfg, _trial_dir(tmp_path, "content", "b"), FULL_CHAIN)
+    assert [c[0] for c in counted_parts[2:]] == ["pretrain", "finetune", "probe"]
+    chain.run_stage_chain(cfg, _trial_dir(tmp_path, "probe", "c"), ("pretrain", "probe"))
+    assert len(counted_parts) == 5
+
+
+def test_floors_skip_pretraining_and_share_parts_across_pretraining_settings(tmp_path, counted_parts):
+    floor = chain.run_stage_chain(_cfg("content", FLOOR, 0), _trial_dir(tmp_path, "content", "f0"), FULL_CHAIN)
+    assert [c[0] for c in counted_parts] == ["finetune", "probe"] and "pretrain_seconds" not in floor
+    for study in ("length", "shuffle", "masking"):
+        assert chain.run_stage_chain(_cfg(study, FLOOR, 0), _trial_dir(tmp_path, study, "f0"), FULL_CHAIN) == floor
+    assert len(counted_parts) == 2
+
+
+def test_the_probe_key_changes_with_the_probe_recipe(monkeypatch):
+    from mme.stages import probe
+
+    cfg = _cfg("content", "Traj", 0)
+    before = {part: chain.part_key(cfg, part) for part in chain.PARTS}
+    monkeypatch.setattr(probe, "RECIPE", probe.RECIPE + 1)
+    after = {part: chain.part_key(cfg, part) for part in chain.PARTS}
+    assert before["probe"] != after["probe"]
+    assert before["finetune"] == after["finetune"] and before["pretrain"] == after["pretrain"]
+    assert chain.part_key(cfg, "pretrain") == chain.part_key(load_config("mini", [
+        "target.kind=traj", "seed=0", "finetune.epochs=3", "probe.lr=0.5"]), "pretrain")
+    assert chain.part_key(cfg, "finetune") != chain.part_key(_cfg("content", "Pixel", 0), "finetune")
+
+
+def test_settings_adds_the_reference_and_floor_and_rejects_unknown_labels(tmp_path):
+    ablate = _load_ablate()
+    argv = ["--study", "content", "--preset", "smoke", "--workdir", str(tmp_path), "--seeds", "2"]
+    plan = ablate.make_plan("content", ablate.parse_args([*argv, "--settings", "HOG,Pixel"]))
+    assert [label for label, seed in plan.points() if seed == 0] == ["Pixel", "HOG", "Traj", FLOOR]
+    assert len(plan.points()) == 8
+    with pytest.raises(KeyError, match="has no setting 'Hog'"):
+        ablate.make_plan("content", ablate.parse_args([*argv, "--settings", "Hog"]))
+    assert ablate.main([*argv, "--settings", "Hog"]) == 2
+
+
+@pytest.mark.slow
+def test_settings_runs_part_of_the_grid_and_a_later_run_does_the_rest(tmp_path, fake_runner):  # noqa: F811
+    workdir = tmp_path / "work"
+    base = [sys.executable, str(ABLATE), "--study", "length", "--preset", "smoke", "--seeds", "1",
+            "--runner", "ablate_fake_runner:run", "--workdir", str(workdir)]
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | fake_runner
+
+    def done() -> list[str]:
+        trials = optuna.load_study(study_name="length-smoke-synthetic",
+                                   storage=f"sqlite:///{workdir / 'optuna.db'}").get_trials(deepcopy=False)
+        return sorted(t.params["setting"] for t in trials if t.state == TrialState.COMPLETE)
+
+    out = subprocess.run([*base, "--settings", "L=4"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert done() == sorted(["L=4", "L=6", FLOOR])
+    out = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert done() == sorted(["L=4", "L=6", "L=8", FLOOR])  # the rest, and nothing twice
+    assert "4/4 grid points done" in out.stdout
