@@ -4,6 +4,7 @@ always included) and leaves the rest for a later run."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def counted_parts(monkeypatch) -> list[tuple[str, int, str]]:
     calls: list[tuple[str, int, str]] = []
 
     def fake(part: str):
-        def run(cfg, trial_dir):
+        def run(cfg, trial_dir):  # noqa: ARG001
             calls.append((part, cfg.seed, cfg.target.kind))
             if part == "pretrain":
                 return {"pretrain_seconds": 10.0 + cfg.seed, "pretrain_loss": 0.5}, None
@@ -119,7 +120,6 @@ def test_settings_runs_part_of_the_grid_and_a_later_run_does_the_rest(tmp_path, 
     workdir = tmp_path / "work"
     base = [sys.executable, str(ABLATE), "--study", "length", "--preset", "smoke", "--seeds", "1",
             "--runner", "ablate_fake_runner:run", "--workdir", str(workdir)]
-    import os
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | fake_runner
 
     def done() -> list[str]:

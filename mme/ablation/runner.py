@@ -70,12 +70,12 @@ from mme.ablation.studies import (
     ATTR_PARENT_RUN,
     ATTR_PRESET,
     ATTR_STUDY,
-    FLOOR,
     METRICS,
     RECORDS,
     Study,
     get_study,
     optuna_study_name,
+    selected_labels,
     trial_budget,
 )
 from mme.config import Config, load_config
@@ -135,17 +135,6 @@ class Plan:
     def trial_dir(self, label: str, seed: int) -> Path:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
         return self.workdir / "trials" / self.name / f"{slug}-seed{seed}"
-
-
-def selected_labels(study: Study, only: tuple[str, ...]) -> tuple[str, ...]:
-    """`only` (empty: every setting) plus the reference and floor rows, which every table compares with,
-    in the study's row order; an unknown label raises a `KeyError` naming the study's settings."""
-    if not only:
-        return study.labels
-    for label in only:
-        study.setting(label)
-    wanted = {*only, study.reference, FLOOR}
-    return tuple(label for label in study.labels if label in wanted)
 
 
 def make_plan(name: str, args: argparse.Namespace) -> Plan:

@@ -199,6 +199,17 @@ def get_study(name: str) -> Study:
     return STUDIES[name]
 
 
+def selected_labels(study: Study, only: tuple[str, ...]) -> tuple[str, ...]:
+    """`only` (empty: every setting) plus the reference and floor rows, which every table compares with,
+    in the study's row order; an unknown label raises a `KeyError` naming the study's settings."""
+    if not only:
+        return study.labels
+    for label in only:
+        study.setting(label)
+    wanted = {*only, study.reference, FLOOR}
+    return tuple(label for label in study.labels if label in wanted)
+
+
 def study_names(name: str) -> list[str]:
     """`all` -> every study in table order; otherwise the one (checked) name."""
     return list(STUDIES) if name == ALL else [get_study(name).name]
