@@ -71,6 +71,20 @@ class Setting:
     paper: str | None = None
 
 
+AHEAD_OF, COMPETITIVE = "ahead of", "competitive with"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A statement of the paper that a table can test on its rows: `a` is AHEAD_OF `b` (the paper shows a
+    gain), or `a` is COMPETITIVE with `b` (the paper calls them equal). `why`: the paper's numbers or words."""
+
+    a: str
+    relation: str
+    b: str
+    why: str
+
+
 @dataclass(frozen=True)
 class Study:
     """One ablation axis. `table`: the paper's table id; `file`: the stem of reports/tables/<file>.csv;
@@ -90,6 +104,7 @@ class Study:
     stages: tuple[str, ...] = FULL_CHAIN
     notes: str = ""
     reference: str = ""
+    claims: tuple[Claim, ...] = ()  # the paper's statements about this table's rows (mme.reports.claims)
     labels: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +115,9 @@ class Study:
             floor = Setting(FLOOR, (*self.setting(self.reference).overrides, *FLOOR_OVERRIDES))
             object.__setattr__(self, "settings", (*self.settings, floor))
         object.__setattr__(self, "labels", tuple(s.label for s in self.settings))
+        for claim in self.claims:
+            if {claim.a, claim.b} - set(self.labels) or claim.relation not in (AHEAD_OF, COMPETITIVE):
+                raise ValueError(f"study {self.name!r}: claim {claim} names an unknown row or relation")
 
     def setting(self, label: str) -> Setting:
         for item in self.settings:
@@ -125,7 +143,12 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         _same("HOG+Traj w/o shape", "target.kind=hog+traj_pos", "target.interpolate=true"),
         _same("Traj", "target.kind=traj", "target.interpolate=true"),
         Setting("MotionMAE", ("target.kind=motionmae",), paper=None),
-    ), notes="MotionMAE (arXiv 2210.04154) is an extra row; the paper does not compare with it.", reference="Traj"),
+    ), notes="MotionMAE (arXiv 2210.04154) is an extra row; the paper does not compare with it.", reference="Traj",
+        claims=(Claim("Traj", AHEAD_OF, "Pixel", "64.1 vs 61.1: motion trajectories beat pixels"),
+                Claim("Traj", AHEAD_OF, "HOG", "64.1 vs 61.1: motion trajectories beat appearance (HOG)"),
+                Claim("HOG+Traj w/o shape", AHEAD_OF, "HOG", "63.5 vs 61.1: long-term position changes add to HOG"),
+                Claim("Traj", AHEAD_OF, "HOG+Traj w/o shape", "64.1 vs 63.5: the trajectory's shape adds to it"),
+                Claim("HOG+MBH", COMPETITIVE, "HOG", "61.4 vs 61.1: short-term motion adds little"))),
     Study("interpolation", "6", "table6_interpolation", "Trajectory interpolation", "interpolation", (
         _same("HOG no-interp", "target.kind=hog", "target.interpolate=false"),
         _same("HOG interp", "target.kind=hog", "target.interpolate=true"),
@@ -159,13 +182,20 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
     Study("shuffle", "fig3", "fig3_shuffle", "Pre-training on frame-shuffled video", "shuffle", tuple(
         _same(f"{method} {video} video", f"target.kind={kind}", f"data.shuffle_frames={shuffled}")
         for method, kind in (("VideoMAE", "pixel"), ("MME", "traj"))
-        for video, shuffled in (("raw", "false"), ("shuffled", "true"))), reference="MME raw video"),
+        for video, shuffled in (("raw", "false"), ("shuffled", "true"))), reference="MME raw video",
+        claims=(Claim("VideoMAE raw video", COMPETITIVE, "VideoMAE shuffled video",
+                      "60.9 vs 60.9: pixel reconstruction barely uses temporal information"),
+                Claim("MME raw video", AHEAD_OF, "VideoMAE raw video", "64.1 vs 60.9: MME uses time"),
+                Claim("MME raw video", AHEAD_OF, "MME shuffled video", "64.1 vs 60.7: shuffling frames costs MME"),
+                Claim("MME shuffled video", COMPETITIVE, "VideoMAE shuffled video",
+                      "60.7 vs 60.9: without temporal information MME is no better than VideoMAE"))),
     Study("probe", "4", "table4_probe", "Linear probing", "linear_probe", (
         Setting("VideoMAE (pixel)", ("target.kind=pixel",), paper="VideoMAE SSv2"),
         Setting("MME (traj)", ("target.kind=traj",), paper="MME SSv2"),
     ), objective="probe_top1", stages=("pretrain", "probe"),
         notes="The paper's TimeSformer and SVT rows are other backbones; they are not re-run.",
-        reference="MME (traj)"),
+        reference="MME (traj)", claims=(Claim("MME (traj)", AHEAD_OF, "VideoMAE (pixel)",
+                                              "29.2 vs 24.3, linear probe on SSv2"),)),
 )}
 
 # Real footage (docs/targets.md): the released code's target as a row of the content study, so its deviations

@@ -20,7 +20,8 @@ is the table's floor; a table without it gets no verdict ("no floor").
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ class StudyTable:
     trials_counted: int  # COMPLETE trials after de-duplication
     budget: tuple[str, ...] = ()  # the trial-budget overrides the study ran with (TRIAL_BUDGET)
     reference: str | None = None  # the row statistics compare with (`Study.reference`)
+    clip_results: Mapping[str, Mapping[int, per_clip.PerClip]] = field(default_factory=dict)  # setting -> seed
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,11 @@ def load_tables(storage: Any, resamples: int = stats.RESAMPLES, seed: int = 0) -
         study = get_study(attrs[ATTR_STUDY])
         preset, dataset = attrs.get(ATTR_PRESET, "?"), attrs.get(ATTR_DATASET, "?")
         reference = study.reference or None
-        rows = add_statistics(summarize(records, study, preset, dataset, name), trial_per_clip(trials), reference,
+        found = trial_per_clip(trials)
+        rows = add_statistics(summarize(records, study, preset, dataset, name), found, reference,
                               resamples=resamples, seed=seed)
         budget = tuple(attrs.get(ATTR_BUDGET, ()))
-        tables.append(StudyTable(study, name, preset, dataset, rows, len(records), budget, reference))
+        tables.append(StudyTable(study, name, preset, dataset, rows, len(records), budget, reference, found))
     return tables
 
 

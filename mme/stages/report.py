@@ -22,7 +22,7 @@ from mme.ablation import STUDIES, open_storage, storage_exists
 from mme.config import Config
 from mme.data.lists import read_classes
 from mme.paths import Paths
-from mme.reports import plots, tables
+from mme.reports import claims, plots, tables
 from mme.utils import atomic_path, write_metrics, write_text_atomic
 
 STORAGE_ENV = "MME_OPTUNA_STORAGE"
@@ -115,6 +115,10 @@ def _readme_section(study: Any, group: list[tables.StudyTable], paths: Paths) ->
             chance = chance_top1(paths, table.dataset)
             lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric), chance)}")
             lines.append(f"- {tables.verdict_text(table, metric)}")
+        if study.claims:
+            measured = tuple(m for m in dict.fromkeys((study.objective, *FROZEN_METRICS)) if _measured(table.rows, m))
+            lines.append("- The paper's claims about these rows, tested here (paired over seeds and test clips):")
+            lines += [f"  - {line}" for line in claims.claim_lines(study, table.clip_results, measured)]
         budget = ", ".join(f"`{item}`" for item in table.budget) or f"the `{table.preset}` preset's own epochs"
         lines.append(f"- Trial budget of `{table.optuna_study}`: {budget}.")
     if study.notes:

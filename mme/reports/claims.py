@@ -1,0 +1,72 @@
+"""The paper's claims about a table's rows (`Study.claims`), tested on the trials' per-clip test results.
+
+For each claim and metric: the paired difference `a - b` over the seeds both rows have and the clips every
+trial of the two rows shares, with its 95 % bootstrap CI (`mme.reports.stats`). The words:
+- `a` AHEAD_OF `b`: HOLDS when the CI lies above 0, REVERSED when below, NOT_SEPARATED otherwise.
+- `a` COMPETITIVE with `b`: CONSISTENT when the CI covers 0 (no evidence against the paper, which is not
+  proof that the two are equal: the CI's width says how large a gap could hide), SEPARATED when it excludes 0.
+- Fewer than `stats.MIN_SEEDS` common seeds: INSUFFICIENT (the difference is still shown); a row without
+  per-clip results: NOT_MEASURED; a table without its floor row: `stats.NO_FLOOR`, as for the verdicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mme.ablation.studies import AHEAD_OF, Claim, Study
+from mme.reports import per_clip, stats
+
+HOLDS, REVERSED, CONSISTENT, SEPARATED = "holds", "reversed", "consistent (not separated)", "does not hold (separated)"
+NOT_SEPARATED, INSUFFICIENT, NOT_MEASURED = "not separated", "insufficient seeds", "not measured"
+METRIC_NAMES = {"ft_top1": "fine-tune", "probe_top1": "linear probe", "attentive_top1": "attentive probe"}
+
+Records = Mapping[str, Mapping[int, per_clip.PerClip]]  # setting -> seed -> record
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    claim: Claim
+    metric: str
+    n_seeds: int
+    delta: stats.Interval | None
+    word: str
+
+
+def check(claim: Claim, records: Records, metric: str, resamples: int = stats.RESAMPLES) -> ClaimResult:
+    """One claim on one metric (see the module docstring for the words)."""
+    rows = {label: {s: (r.clip_ids, r.correct[metric]) for s, r in records.get(label, {}).items()
+                    if metric in r.correct} for label in (claim.a, claim.b)}
+    seeds = sorted(set(rows[claim.a]) & set(rows[claim.b]))
+    if not seeds:
+        return ClaimResult(claim, metric, 0, None, NOT_MEASURED)
+    clips = stats.common_clips(rows)
+    delta = stats.paired_difference(stats.aligned(rows[claim.a], clips, seeds),
+                                    stats.aligned(rows[claim.b], clips, seeds), resamples)
+    if stats.FLOOR not in records:
+        word = stats.NO_FLOOR
+    elif len(seeds) < stats.MIN_SEEDS:
+        word = INSUFFICIENT
+    elif claim.relation == AHEAD_OF:
+        word = HOLDS if delta.low > 0 else REVERSED if delta.high < 0 else NOT_SEPARATED
+    else:
+        word = SEPARATED if delta.excludes_zero() else CONSISTENT
+    return ClaimResult(claim, metric, len(seeds), delta, word)
+
+
+def claim_lines(study: Study, records: Records, metrics: tuple[str, ...],
+                resamples: int = stats.RESAMPLES) -> list[str]:
+    """One plain-words line per claim: the paper's statement, then each metric's Δ [CI] and word."""
+    lines = []
+    for claim in study.claims:
+        parts = []
+        for metric in metrics:
+            result = check(claim, records, metric, resamples)
+            if result.delta is None:
+                continue
+            d = result.delta
+            parts.append(f"{METRIC_NAMES.get(metric, metric)} {d.estimate:+.1f} [{d.low:+.1f}, {d.high:+.1f}] "
+                         f"({result.n_seeds} seed{'s' * (result.n_seeds != 1)}): **{result.word}**")
+        measured = "; ".join(parts) or NOT_MEASURED
+        lines.append(f"*{claim.a}* {claim.relation} *{claim.b}* (paper: {claim.why}) — here, Δ = a − b: {measured}.")
+    return lines
