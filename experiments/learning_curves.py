@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="mini", choices=sorted(PRESETS))
     parser.add_argument("--root", type=Path, default=Path("runs/curves"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune every point (the cfg's finetune.* "
+                        "schedule; the untrained point from scratch) and test it")
     parser.add_argument("--out", type=Path, default=Path("reports/curves/learning_curves.csv"))
     args = parser.parse_args(argv)
     if any(s < 1 or s > args.epochs for s in args.snapshots):
@@ -50,14 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for kind in args.kinds:
         for seed in args.seeds:
-            done = curve(args.preset, args.overrides, kind, seed, args.epochs, args.snapshots, args.root, args.data)
+            done = curve(args.preset, args.overrides, kind, seed, args.epochs, args.snapshots, args.root, args.data,
+                         args.finetune)
             new = curve_rows(kind, seed, done)
             rows += new
             write_rows(args.out, rows)  # each finished curve is on disk at once
             for row in new:
                 print(f"{kind} seed {seed} epoch {row['epoch']:>3}: probe {row['probe_top1']:.1f} "
                       f"[{row['probe_top1_low']:.1f}, {row['probe_top1_high']:.1f}], vs random "
-                      f"{row['probe_top1_vs_random']:+.1f}; attentive {row['attentive_top1']:.1f}", flush=True)
+                      f"{row['probe_top1_vs_random']:+.1f}; attentive {row['attentive_top1']:.1f}"
+                      + (f"; fine-tune {row['ft_top1']:.1f} vs scratch {row['ft_top1_vs_random']:+.1f}"
+                         if "ft_top1" in row else ""), flush=True)
     print(f"wrote {args.out}")
 
 

@@ -66,3 +66,35 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
     refit = curves.curve("smoke", ["probe.epochs=2"], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
     assert all(refit[k]["recipe"] != store[k]["recipe"] for k in ("0", "1", str(EPOCHS)))
     assert {refit[k]["metrics"]["epochs"] for k in ("0", "1")} <= {2, 4}
+
+
+def test_finetune_points_start_from_their_snapshot_and_pair_with_scratch(tmp_path, extracted_workdir, monkeypatch):
+    cli = load_cli()
+    out, root = tmp_path / "curve.csv", tmp_path / "runs"
+    argv = ["--data", str(extracted_workdir), "--kinds", "traj", "--epochs", str(EPOCHS), "--snapshots", "1",
+            "--preset", "smoke", "--root", str(root), "--out", str(out), "--finetune", "--set", "finetune.epochs=1"]
+    from mme.stages import finetune
+
+    inits, real = [], finetune.run
+    monkeypatch.setattr(finetune, "run",
+                        lambda cfg, workdir, **kw: inits.append(str(kw["init"])) or real(cfg, workdir, **kw))
+    cli.main(argv)
+    snapshots = Paths(root / "traj-s0")
+    assert inits == ["none", *(str(snapshot_path(snapshots, "pretrain", e)) for e in (1, EPOCHS))]
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, EPOCHS]
+    assert float(rows[0]["ft_top1_vs_random"]) == 0.0  # scratch against itself
+    for row in rows:
+        assert float(row["ft_top1_low"]) <= float(row["ft_top1"]) <= float(row["ft_top1_high"])
+        gap = float(row["ft_top1"]) - float(rows[0]["ft_top1"])
+        assert abs(float(row["ft_top1_vs_random"]) - gap) < 1e-6  # paired on the same clips
+    workdir = root / "traj-s0"
+    scratch = Paths(workdir / "points" / "e0").models_dir("finetune_scratch") / FINAL
+    tuned = Paths(workdir / "points" / "e1").models_dir("finetune") / FINAL
+    assert scratch.is_file() and tuned.is_file()
+    def no_finetune(*_a, **_k):
+        raise AssertionError("a fine-tuned point was fine-tuned again")
+
+    monkeypatch.setattr(curves, "finetune_point", no_finetune)
+    again = curves.curve("smoke", ["finetune.epochs=1"], "traj", 0, EPOCHS, [1], root, extracted_workdir, finetune=True)
+    assert set(again["finetune"]) == {"0", "1", str(EPOCHS)}

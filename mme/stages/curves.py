@@ -12,6 +12,10 @@ curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>/` (data symlin
 probed encoder in its own `points/e<epoch>/` with its token features cached, so an interrupted curve
 resumes: a finished pre-training is reused, a probed point is read back from `curve.json` unless the probe
 recipe changed (`probe.RECIPE`, cfg.probe), and then only its heads are fitted again.
+
+With `finetune`, each point is also fine-tuned (the `finetune` stage from that snapshot, the untrained
+point from scratch, with the cfg's `finetune.*` schedule, e.g. the ablation trial's) and tested by the
+`evaluate` stage; `ft_top1` then sits beside the probes, paired to the from-scratch floor.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from mme.config import load_config
-from mme.engine.checkpointing import FINAL
+from mme.engine.checkpointing import FINAL, LAST
 from mme.engine.fit import snapshot_path
 from mme.paths import Paths
 from mme.reports import per_clip, stats
 from mme.utils import write_json
 
 METRICS = ("probe_top1", "attentive_top1")
+FINETUNE_METRIC = "ft_top1"
 RANDOM_EPOCH = 0  # the untrained encoder's row
 
 
@@ -60,9 +65,30 @@ def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
     return {"metrics": {k: metrics.get(k) for k in keep}, "per_clip": record, "recipe": recipe(cfg)}
 
 
+def finetune_recipe(cfg: Any) -> str:
+    tree = cfg.to_dict()
+    return json.dumps({"finetune": tree["finetune"], "evaluate": tree["evaluate"]}, sort_keys=True)
+
+
+def finetune_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
+    """Fine-tune from `init` (a snapshot, or "none": from scratch) in `workdir`, then the test: its metrics
+    and per-clip test record (encoded)."""
+    from mme.stages import evaluate, finetune
+
+    scratch = str(init) == "none"
+    interrupted = (Paths(workdir).models_dir(finetune.stage_name(cfg, init)) / LAST).is_file()
+    finetune.run(cfg, workdir, resume=interrupted, init=init)
+    metrics = evaluate.run(cfg, workdir, init="scratch" if scratch else None)
+    name = "evaluate_scratch" if scratch else "evaluate"
+    record = json.loads((Paths(workdir).metrics_dir / f"{name}.per_clip.json").read_text())
+    return {"metrics": {k: metrics.get(k) for k in ("top1", "top5")}, "per_clip": record,
+            "recipe": finetune_recipe(cfg)}
+
+
 def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: int, snapshots: Sequence[int],
-          root: Path, data_dir: Path) -> dict[str, Any]:
-    """Pre-train `kind` for `epochs` keeping `snapshots`, probe each and the untrained encoder."""
+          root: Path, data_dir: Path, finetune: bool = False) -> dict[str, Any]:
+    """Pre-train `kind` for `epochs` keeping `snapshots`, probe (and with `finetune`, fine-tune) each and
+    the untrained encoder."""
     from mme.stages import pretrain
 
     cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
@@ -78,6 +104,13 @@ def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: i
         init = "random" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
         done[str(epoch)] = probe_point(cfg, run_dir(workdir / "points" / f"e{epoch}", data_dir), init)
         write_json(store, done)
+    for epoch in [RANDOM_EPOCH, *points] if finetune else []:
+        if done.get("finetune", {}).get(str(epoch), {}).get("recipe") == finetune_recipe(cfg):
+            continue
+        init = "none" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
+        found = finetune_point(cfg, run_dir(workdir / "points" / f"e{epoch}", data_dir), init)
+        done.setdefault("finetune", {})[str(epoch)] = found
+        write_json(store, done)
     return done
 
 
@@ -92,10 +125,19 @@ def curve_rows(kind: str, seed: int, done: dict[str, Any]) -> list[dict[str, Any
         row: dict[str, Any] = {"kind": kind, "seed": seed, "epoch": int(key), "test_clips": len(record.clip_ids),
                                "val_top1": done[key]["metrics"]["val_top1"]}
         for metric in METRICS:
-            scores, reference = record.correct[metric][None], floor.correct[metric][None]
-            mean, delta = stats.interval(scores), stats.paired_difference(scores, reference)
-            row |= {metric: round(mean.estimate, 2), f"{metric}_low": round(mean.low, 2),
-                    f"{metric}_high": round(mean.high, 2), f"{metric}_vs_random": round(delta.estimate, 2),
-                    f"{metric}_vs_random_low": round(delta.low, 2), f"{metric}_vs_random_high": round(delta.high, 2)}
+            row |= _versus(metric, record.correct[metric], floor.correct[metric])
+        tuned = done.get("finetune", {})
+        if key in tuned and str(RANDOM_EPOCH) in tuned:
+            mine, scratch = (per_clip.decode(tuned[k]["per_clip"]) for k in (key, str(RANDOM_EPOCH)))
+            order = [mine.clip_ids.index(c) for c in scratch.clip_ids]  # pair on the clips, not positions
+            row |= _versus(FINETUNE_METRIC, mine.correct[FINETUNE_METRIC][order], scratch.correct[FINETUNE_METRIC])
         rows.append(row)
     return rows
+
+
+def _versus(metric: str, scores: Any, floor: Any) -> dict[str, float]:
+    """Test top-1 of `metric` with its CI, and the paired difference to the floor's with its CI."""
+    mean, delta = stats.interval(scores[None]), stats.paired_difference(scores[None], floor[None])
+    return {metric: round(mean.estimate, 2), f"{metric}_low": round(mean.low, 2),
+            f"{metric}_high": round(mean.high, 2), f"{metric}_vs_random": round(delta.estimate, 2),
+            f"{metric}_vs_random_low": round(delta.low, 2), f"{metric}_vs_random_high": round(delta.high, 2)}
