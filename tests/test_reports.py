@@ -147,6 +147,16 @@ def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smo
     assert "Trial budget of `length-smoke-synthetic`: `finetune.epochs=2`." in readme
     assert "chance" not in readme  # no class list in this workdir: chance unknown, nothing claimed
     assert json.loads((workdir / "reports/metrics/report.json").read_text())["trials"] == {"table7a_length": 4}
+    trials = pd.read_csv(workdir / "reports/tables/optuna_trials.csv")  # the storage's summary, one row per trial
+    done = trials[trials["state"] == "COMPLETE"]
+    assert set(trials["optuna_study"]) == {"length-smoke-synthetic"} and len(done) >= 4
+    stored = optuna.load_study(study_name="length-smoke-synthetic", storage=length_storage).get_trials()
+    assert sorted(done["number"]) == sorted(t.number for t in stored if t.state.name == "COMPLETE")
+    for trial in stored:
+        if trial.state.name == "COMPLETE":
+            row = trials[trials["number"] == trial.number].iloc[0]
+            assert row["user_attrs_ft_top1"] == pytest.approx(trial.user_attrs["ft_top1"], abs=1e-4)
+    assert not any("per_clip" in column for column in trials.columns)
 
 
 def test_report_without_trials_writes_no_table(tmp_path, smoke_cfg, capsys):

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from mme.ablation import STUDIES, open_storage, storage_exists
+from mme.ablation.studies import ATTR_STUDY, RECORDS
 from mme.config import Config
 from mme.data.lists import read_classes
 from mme.paths import Paths
@@ -61,9 +62,34 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
         summary["tables"].append(f"tables/{study.file}.csv")
         summary["trials"][study.file] = sum(t.trials_counted for t in group)
     summary["trials_total"] = sum(summary["trials"].values())
+    with atomic_path(paths.tables_dir / TRIALS_CSV) as tmp:
+        trials_frame(open_storage(url)).to_csv(tmp, index=False, float_format="%.4f")
+    summary["trials_csv"] = f"tables/{TRIALS_CSV}"
     write_text_atomic(paths.reports / "README.md", _readme(redact(url), [_baselines_section(paths), *sections]))
     write_metrics(paths.metrics_dir / "report.json", summary)
     return summary
+
+
+TRIALS_CSV = "optuna_trials.csv"
+TRIAL_COLUMNS = ("number", "state", "params", "user_attrs", "datetime_start", "duration")
+
+
+def trials_frame(storage: Any) -> pd.DataFrame:
+    """Every trial of every ablation study in `storage` (Optuna's `trials_dataframe`, one row per trial,
+    its study in the first column), without the per-clip records: the storage's summary, for committing."""
+    import optuna
+
+    frames = []
+    for name in sorted(optuna.get_all_study_names(storage)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        if study.user_attrs.get(ATTR_STUDY) is None:
+            continue
+        frame = study.trials_dataframe(attrs=TRIAL_COLUMNS)
+        frame = frame.drop(columns=[c for c in frame if c.startswith("user_attrs_") and c.removeprefix(
+            "user_attrs_") in RECORDS])
+        frame.insert(0, "optuna_study", name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def _write_table(paths: Paths, file: str, rows: pd.DataFrame, objective: str, title: str,
