@@ -106,7 +106,11 @@ def test_resumed_stage_continues_its_run(tmp_path, smoke_cfg, monkeypatch):
 
 
 def test_sigint_marks_the_run_killed(tmp_path):
+    # A job started in the background (nohup, `&`, some CI runners) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: the child restores it, as an interactive terminal would have.
     script = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import time
         from mme.config import load_config
         from mme.engine.tracking import stage_run
