@@ -73,3 +73,12 @@ def test_claims_name_real_rows_and_the_lines_read_plainly():
     line, = claims.claim_lines(study, _records(0.7, 0.4), ("ft_top1", "probe_top1"), resamples=500)
     assert line.startswith("*A* ahead of *B* (paper: paper: A > B)") and "fine-tune +" in line and "**holds**" in line
     assert "linear probe" not in line  # not measured: left out
+
+
+def test_every_row_is_read_against_the_floor():
+    study = Study("x", "1", "x", "x", "x", (Setting("A", ()), Setting("B", ())), reference="A")
+    records = _records(0.7, 0.2)  # B is drawn like the floor (0.2): not separated from it
+    line, = claims.floor_lines(study, records, ("ft_top1", "probe_top1"), resamples=1000)
+    assert line.startswith("fine-tune: A +") and "above" in line.split(";")[0]
+    assert line.split(";")[1].strip().startswith("B ") and "not separated" in line.split(";")[1]
+    assert claims.floor_lines(study, _records(0.7, 0.2, floor=False), ("ft_top1",), resamples=200) == []  # no floor

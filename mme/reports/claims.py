@@ -70,3 +70,23 @@ def claim_lines(study: Study, records: Records, metrics: tuple[str, ...],
         measured = "; ".join(parts) or NOT_MEASURED
         lines.append(f"*{claim.a}* {claim.relation} *{claim.b}* (paper: {claim.why}) — here, Δ = a − b: {measured}.")
     return lines
+
+
+def floor_lines(study: Study, records: Records, metrics: tuple[str, ...],
+                resamples: int = stats.RESAMPLES) -> list[str]:
+    """Per metric, every measured row against the table's floor (paired Δ [CI] and whether it learnt
+    more than the untrained encoder / the from-scratch fine-tune): a row's lead over another means
+    little when neither clears the floor."""
+    lines = []
+    for metric in metrics:
+        parts = []
+        for label in study.labels:
+            if label == stats.FLOOR:
+                continue
+            result = check(Claim(label, AHEAD_OF, stats.FLOOR, ""), records, metric, resamples)
+            if result.delta is not None:
+                d, word = result.delta, {HOLDS: "above", REVERSED: "below"}.get(result.word, result.word)
+                parts.append(f"{label} {d.estimate:+.1f} [{d.low:+.1f}, {d.high:+.1f}] {word}")
+        if parts:
+            lines.append(f"{METRIC_NAMES.get(metric, metric)}: " + "; ".join(parts))
+    return lines

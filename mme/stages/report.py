@@ -23,7 +23,7 @@ from mme.ablation.studies import ATTR_STUDY, RECORDS
 from mme.config import Config
 from mme.data.lists import read_classes
 from mme.paths import Paths
-from mme.reports import claims, plots, tables
+from mme.reports import claims, plots, stats, tables
 from mme.utils import atomic_path, write_metrics, write_text_atomic
 
 STORAGE_ENV = "MME_OPTUNA_STORAGE"
@@ -141,8 +141,13 @@ def _readme_section(study: Any, group: list[tables.StudyTable], paths: Paths) ->
             chance = chance_top1(paths, table.dataset)
             lines.append(f"- {tables.agreement_text(table, tables.ordering(table, metric), chance)}")
             lines.append(f"- {tables.verdict_text(table, metric)}")
+        measured = tuple(m for m in dict.fromkeys((study.objective, *FROZEN_METRICS)) if _measured(table.rows, m))
+        beside_floor = claims.floor_lines(study, table.clip_results, measured)
+        if beside_floor:
+            lines.append(f"- Each row against the floor `{stats.FLOOR}` (paired Δ [95 % CI]; fine-tune: "
+                         "from scratch, probes: the untrained encoder):")
+            lines += [f"  - {line}" for line in beside_floor]
         if study.claims:
-            measured = tuple(m for m in dict.fromkeys((study.objective, *FROZEN_METRICS)) if _measured(table.rows, m))
             lines.append("- The paper's claims about these rows, tested here (paired over seeds and test clips):")
             lines += [f"  - {line}" for line in claims.claim_lines(study, table.clip_results, measured)]
         budget = ", ".join(f"`{item}`" for item in table.budget) or f"the `{table.preset}` preset's own epochs"
