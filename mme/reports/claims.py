@@ -18,7 +18,7 @@ from mme.ablation.studies import AHEAD_OF, Claim, Study
 from mme.reports import per_clip, stats
 
 HOLDS, REVERSED, CONSISTENT, SEPARATED = "holds", "reversed", "consistent (not separated)", "does not hold (separated)"
-NOT_SEPARATED, INSUFFICIENT, NOT_MEASURED = "not separated", "insufficient seeds", "not measured"
+NOT_SEPARATED, INSUFFICIENT, NOT_MEASURED = stats.NOT_SEPARATED, stats.INSUFFICIENT_SEEDS, "not measured"
 METRIC_NAMES = {"ft_top1": "fine-tune", "probe_top1": "linear probe", "attentive_top1": "attentive probe"}
 
 Records = Mapping[str, Mapping[int, per_clip.PerClip]]  # setting -> seed -> record
@@ -43,14 +43,11 @@ def check(claim: Claim, records: Records, metric: str, resamples: int = stats.RE
     clips = stats.common_clips(rows)
     delta = stats.paired_difference(stats.aligned(rows[claim.a], clips, seeds),
                                     stats.aligned(rows[claim.b], clips, seeds), resamples)
-    if stats.FLOOR not in records:
-        word = stats.NO_FLOOR
-    elif len(seeds) < stats.MIN_SEEDS:
-        word = INSUFFICIENT
-    elif claim.relation == AHEAD_OF:
-        word = HOLDS if delta.low > 0 else REVERSED if delta.high < 0 else NOT_SEPARATED
+    word = stats.verdict(delta, len(seeds), stats.FLOOR in records)  # the tables' rule, in the claim's words
+    if claim.relation == AHEAD_OF:
+        word = {stats.AHEAD: HOLDS, stats.BEHIND: REVERSED}.get(word, word)
     else:
-        word = SEPARATED if delta.excludes_zero() else CONSISTENT
+        word = {stats.AHEAD: SEPARATED, stats.BEHIND: SEPARATED, stats.NOT_SEPARATED: CONSISTENT}.get(word, word)
     return ClaimResult(claim, metric, len(seeds), delta, word)
 
 
