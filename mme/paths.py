@@ -51,6 +51,11 @@ class Paths:
         return self.reports / "plots"
 
     @property
+    def results_dir(self) -> Path:
+        """The ablation trials' stored parts (`mme.stages.chain`): the committed evidence behind the tables."""
+        return self.reports / "results"
+
+    @property
     def tables_dir(self) -> Path:
         return self.reports / "tables"
 

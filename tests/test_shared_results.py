@@ -70,6 +70,23 @@ def test_the_reference_traj_runs_once_per_seed_across_tables(tmp_path, counted_p
     assert len(keys) == 1  # every table's reference traj row resolves to one trial
 
 
+def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, counted_parts):
+    """The store lives under reports/results/ (committed): a fresh clone elsewhere, given those files,
+    reuses every part instead of re-training, and the files name no directory of the first machine."""
+    import json
+    import shutil
+
+    first_root, second_root = tmp_path / "first", tmp_path / "second"
+    cfg = _cfg("content", "Traj", 0)
+    first = chain.run_stage_chain(cfg, _trial_dir(first_root, "content", "ref-s0"), FULL_CHAIN)
+    stored = sorted((first_root / "reports" / "results").glob("*.json"))
+    assert [p.name.split("-")[0] for p in stored] == ["finetune", "pretrain", "probe"]
+    assert all(json.loads(p.read_text())["trial_dir"] == "trials/content/ref-s0" for p in stored)
+    shutil.copytree(first_root / "reports", second_root / "reports")
+    again = chain.run_stage_chain(cfg, _trial_dir(second_root, "content", "ref-s0"), FULL_CHAIN)
+    assert again == first and len(counted_parts) == 3
+
+
 def test_a_trial_missing_a_part_runs_every_part(tmp_path, counted_parts):
     """The probe table's trial (pretrain + probe) reuses a full trial; a full trial after a probe-only one
     must pre-train for its fine-tune, so it runs everything again (and replaces the stored parts)."""

@@ -11,7 +11,8 @@ The floor trial (`probe.init=random` and `finetune.init=scratch`, the tables' "R
 pre-training: it probes the untrained encoder and fine-tunes from scratch.
 
 Shared results: a trial's parts (`pretrain`, `finetune`, `probe`) are stored under
-`<workdir>/trials/shared/<part>-<digest>.json`, keyed by what the part reads from the resolved config
+`<workdir>/reports/results/<part>-<digest>.json` (committed with the tables, so a fresh clone resumes a study
+from them instead of re-training), keyed by what the part reads from the resolved config
 (`part_key`), and reused by any later trial, of any table, that resolves to the same key. So the reference
 `traj` setting, which eight tables share, is pre-trained once per seed, and the floor once per
 classification-relevant config (its key drops the pre-training-only sections). A trained trial reuses its
@@ -32,7 +33,6 @@ from mme.paths import Paths
 from mme.reports import per_clip
 from mme.utils import write_json
 
-SHARED_DIR = "shared"
 PARTS = ("pretrain", "finetune", "probe")  # in running order; a trial runs those named in its stages
 # Config sections and keys that only pre-training reads: a floor trial's results do not depend on them.
 PRETRAIN_ONLY = ("target", "mask", "pretrain", "flow")
@@ -68,7 +68,8 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
     """The real trial on `trial_dir`: pretrain (not for a floor) -> finetune + evaluate -> probe (those
     named in `stages`), each part reused from the shared results when stored."""
     parts = [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
-    store = shared_workdir(trial_dir) / "trials" / SHARED_DIR
+    workdir = shared_workdir(trial_dir)
+    store = Paths(workdir).results_dir
     saved = {part: _load_part(store / f"{part_key(cfg, part)}.json") for part in parts}
     if not is_floor(cfg) and not all(found is not None for found in saved.values()):
         saved = {}  # a trained part needs this trial's own pre-training: run every part
@@ -82,12 +83,18 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
             found, record = RUN_PART[part](cfg, trial_dir)
             write_json(store / f"{part_key(cfg, part)}.json",
                        {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
-                        "trial_dir": str(trial_dir)})
+                        "trial_dir": _relative(trial_dir, workdir)})
         metrics |= found
         records += [record] if record else []
     if records:
         metrics[per_clip.PER_CLIP_ATTR] = per_clip.encode(merge_records(records))
     return metrics
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it: the stored results name no machine's directories."""
+    resolved, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return str(resolved.relative_to(base)) if resolved.is_relative_to(base) else str(path)
 
 
 def _load_part(path: Path) -> tuple[dict[str, float], per_clip.PerClip | None] | None:
