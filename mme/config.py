@@ -145,6 +145,7 @@ class PretrainConfig:
     clip_grad: float = 0.0  # 0 = off (VideoMAE/MME pre-train without clipping)
     accum_steps: int = 1
     amp: Amp = "bf16"
+    compile: bool = False  # torch.compile the model of the training step (speed only: README, Speed)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class FinetuneConfig:
     val_every: int = 1  # val after every N-th epoch and the last (only watched; 1 200 val clips cost time)
     accum_steps: int = 1
     amp: Amp = "bf16"
+    compile: bool = False  # as pretrain.compile
 
 
 @dataclass
@@ -374,8 +376,10 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
             _set(cfg, name, value)
 
 
-# Keys that change how fast a stage runs, never what it computes: no DVC stage lists them, no resume checks them.
-SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers", "data.targets_on"})
+# Keys that change how fast a stage runs, never what it computes (torch.compile: the same maths, up to float
+# rounding): no DVC stage lists them, no resume checks them.
+SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers", "data.targets_on",
+                        "pretrain.compile", "finetune.compile"})
 # Counts: key -> smallest allowed value (no upper bound). Zero workers means "in this process"; a
 # negative or zero epoch count would make a run that trains nothing and still writes a final checkpoint.
 COUNTS: dict[str, int] = {

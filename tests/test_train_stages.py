@@ -120,3 +120,28 @@ def test_finetune_validates_every_nth_epoch_and_after_the_last(workdir, monkeypa
     assert result["val_top1"] == float(rows[-1]["val_top1"])
     with pytest.raises(ConfigError, match="finetune.val_every"):
         load_config("smoke", ["finetune.val_every=0"])
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_trains_the_same_model(workdir, tmp_path_factory):
+    """`pretrain.compile` (torch.compile of the step's model) changes speed, not the model: in fp32 the
+    compiled run's losses and weights equal the eager run's up to float rounding, and its checkpoint has
+    the eager model's keys (no compile wrapper in them)."""
+    import torch
+
+    from mme.stages import pretrain
+
+    compiled_dir = tmp_path_factory.mktemp("compiled")
+    shutil.copytree(workdir / "data", compiled_dir / "data")
+    base = ["pretrain.amp=off", "pretrain.epochs=2", "data.num_workers=0"]
+    eager = pretrain.run(load_config("smoke", base), workdir)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = pretrain.run(load_config("smoke", [*base, "pretrain.compile=true"]), compiled_dir)
+    assert counters["stats"]["unique_graphs"] > 0  # the step really went through torch.compile
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    weights = [read_checkpoint(d / "models/pretrain/checkpoint.pt")["model"] for d in (workdir, compiled_dir)]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-3, atol=1e-4, msg=key)

@@ -88,6 +88,8 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a `torch.compile` and/or DistributedDataParallel wrapper."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

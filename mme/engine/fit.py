@@ -56,6 +56,8 @@ class TrainingPlan:
         ddp: wrap the model in DistributedDataParallel when the process group has several ranks.
         snapshots: epochs (counted from 1) after which the weights are also kept as `epoch_NNN.pt`, in the
             final checkpoint's format (what learning curves probe: experiments/learning_curves.py).
+        compile: train through `torch.compile` of the (DDP-wrapped) model; the plan's own model stays eager
+            and is what validation, checkpoints and the MLflow model see (same parameters).
     """
 
     stage: str
@@ -83,6 +85,7 @@ class TrainingPlan:
     tags: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     snapshots: tuple[int, ...] = ()
+    compile: bool = False
 
 
 def single_view(cfg: Config) -> Config:
@@ -137,6 +140,7 @@ def train_stage(cfg: Config, paths: Paths, env: DistEnv, plan: TrainingPlan, res
     state = initial_state(cfg, plan, paths, resume, announce=env.is_main)
     keep = plan.keep | {key: state.get(key) for key in plan.carry}
     model = wrap_ddp(plan.model, env) if plan.ddp else plan.model
+    model = torch.compile(model) if plan.compile else model  # compiles at the first step (README: its cost)
     device = plan.device or env.device
     recorder = EpochRecorder(paths.plots_dir / f"{plan.stage}.csv", env.is_main, state["history"])
     resumed = bool(state.get("resumed"))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mme.config import Config
+from mme.config import SPEED_ONLY, Config
 from mme.paths import Paths
 from mme.reports import per_clip
 from mme.utils import write_json
@@ -39,6 +39,9 @@ PRETRAIN_ONLY = ("target", "mask", "pretrain", "flow")
 PRETRAIN_ONLY_KEYS = {"data": ("shuffle_frames",), "model": ("decoder_dim", "decoder_depth", "decoder_num_heads",
                                                              "decoder_mode")}
 UNREAD_SECTIONS = {"pretrain": ("finetune", "probe", "evaluate"), "finetune": ("probe",), "probe": ("finetune",)}
+# Speed-only keys that the digests hold, because stored results were keyed with them before the rule that a
+# digest leaves speed-only keys out (over-careful, never wrong); every later speed-only key is left out.
+DIGESTED_SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers", "data.targets_on"})
 
 
 def is_floor(cfg: Config) -> bool:
@@ -52,6 +55,12 @@ def part_key(cfg: Config, part: str) -> str:
     from mme.stages import probe
 
     tree = cfg.to_dict()
+    for key in SPEED_ONLY - DIGESTED_SPEED_ONLY:
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.get(section, {})
+        node.pop(name, None)
     for section in UNREAD_SECTIONS[part] + (PRETRAIN_ONLY if is_floor(cfg) else ()):
         tree.pop(section, None)
     if is_floor(cfg):

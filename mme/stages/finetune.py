@@ -113,5 +113,6 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
             start=lambda: {PRETRAIN_RUN_ID: None if scratch else init_from(model, init, allow_partial)},
             validate=lambda m: evaluate(m, val_loader, env.device, train.amp, show_progress=env.is_main),
             validate_every=train.val_every,
-            params={"derived.total_batch": total_batch}, tags={"init": "scratch" if scratch else str(init)})
+            params={"derived.total_batch": total_batch}, tags={"init": "scratch" if scratch else str(init)},
+            compile=train.compile)
         return train_stage(cfg, paths, env, plan, resume)

@@ -82,5 +82,5 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, snapshots: tuple
             clip_grad=train.clip_grad, amp=train.amp, keep={"config": cfg.to_dict(), "model_args": args},
             params={"derived.total_batch": total_batch, "derived.updates_per_epoch": updates,
                     "derived.num_params": sum(p.numel() for p in model.parameters())}, metrics=skipped,
-            snapshots=tuple(snapshots))
+            snapshots=tuple(snapshots), compile=train.compile)
         return train_stage(cfg, paths, env, plan, resume)
