@@ -87,6 +87,28 @@ def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, co
     assert again == first and len(counted_parts) == 3
 
 
+def test_no_data_is_prepared_when_every_trial_is_stored(tmp_path, counted_parts, monkeypatch):  # noqa: ARG001
+    """A fresh clone re-running a study from the committed results needs no dataset; one trial missing
+    and the dataset is prepared as before."""
+    from mme.stages import download
+
+    prepared = []
+
+    def fake_download(cfg, workdir):  # noqa: ARG001
+        prepared.append(workdir)
+        raise RuntimeError("stop after download")
+
+    monkeypatch.setattr(download, "run", fake_download)
+    trials = [(_cfg("content", label, 0), FULL_CHAIN) for label in ("Traj", FLOOR)]
+    for i, (cfg, stages) in enumerate(trials):
+        chain.run_stage_chain(cfg, _trial_dir(tmp_path, "content", f"t{i}"), stages)
+    chain.prepare_data(trials[0][0], tmp_path, trials)
+    assert prepared == []
+    with pytest.raises(RuntimeError, match="stop after download"):
+        chain.prepare_data(trials[0][0], tmp_path, [*trials, (_cfg("content", "Pixel", 0), FULL_CHAIN)])
+    assert prepared == [tmp_path]
+
+
 def test_a_trial_missing_a_part_runs_every_part(tmp_path, counted_parts):
     """The probe table's trial (pretrain + probe) reuses a full trial; a full trial after a probe-only one
     must pre-train for its fine-tune, so it runs everything again (and replaces the stored parts)."""

@@ -92,13 +92,14 @@ class Hooks:
     Attributes:
         script: the command line a worker process runs (`python script --worker ...`).
         default_runner: a trial when no `--runner` is given: (cfg, trial dir, stages) -> metrics.
-        prepare: download/extract the study's dataset once before the workers start: (cfg, workdir).
+        prepare: download/extract the study's dataset once before the workers start: (cfg, workdir, trials),
+            `trials` the (config, stages) of the points this run works on (a hook may skip what none needs).
         report: rebuild the tables when the study ends: (cfg, workdir, storage URL).
     """
 
     script: Path
     default_runner: Runner
-    prepare: Callable[[Config, Path], None]
+    prepare: Callable[[Config, Path, list[tuple[Config, tuple[str, ...]]]], None]
     report: Callable[[Config, Path, str], Any]
 
 
@@ -447,7 +448,7 @@ def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
     started = time.time()
     cfg = plan.base_config()
     if plan.runner is None:
-        hooks.prepare(cfg, plan.workdir)
+        hooks.prepare(cfg, plan.workdir, [(plan.trial_config(*point), plan.study.stages) for point in plan.points()])
     study = create_study_once(plan, cfg)
     if args.requeue_running:
         from optuna.trial import TrialState

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def part_key(cfg: Config, part: str) -> str:
 def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     """The real trial on `trial_dir`: pretrain (not for a floor) -> finetune + evaluate -> probe (those
     named in `stages`), each part reused from the shared results when stored."""
-    parts = [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
+    parts = trial_parts(cfg, stages)
     workdir = shared_workdir(trial_dir)
     store = Paths(workdir).results_dir
     saved = {part: _load_part(store / f"{part_key(cfg, part)}.json") for part in parts}
@@ -98,6 +99,17 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
     if records:
         metrics[per_clip.PER_CLIP_ATTR] = per_clip.encode(merge_records(records))
     return metrics
+
+
+def trial_parts(cfg: Config, stages: tuple[str, ...]) -> list[str]:
+    """The parts a trial runs, in order: pre-training (not for a floor), then those of `stages`."""
+    return [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
+
+
+def is_stored(cfg: Config, stages: tuple[str, ...], workdir: Path) -> bool:
+    """Every part of the trial is in `workdir`'s shared results: running it reads no data."""
+    store = Paths(workdir).results_dir
+    return all((store / f"{part_key(cfg, part)}.json").is_file() for part in trial_parts(cfg, stages))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -178,10 +190,15 @@ def _pick(result: dict, keys: tuple[str, ...], stage: str) -> float:
     raise KeyError(f"mme.stages.{stage}.run returned none of {keys} (got {sorted(result)}); the ablation needs it")
 
 
-def prepare_data(cfg: Config, workdir: Path) -> None:
-    """Download and extract the study's dataset once, into the shared workdir, if lists or caches are missing."""
+def prepare_data(cfg: Config, workdir: Path, trials: Sequence[tuple[Config, tuple[str, ...]]] = ()) -> None:
+    """Download and extract the study's dataset once, into the shared workdir, if lists or caches are missing;
+    nothing when every one of `trials` ((config, stages) pairs) is stored already (a fresh clone rebuilding
+    the tables from the committed results)."""
     from mme.stages import download, extract
 
+    if trials and all(is_stored(trial, stages, workdir) for trial, stages in trials):
+        print(f"ablate: all {len(trials)} trials are in {Paths(workdir).results_dir}; no data needed", flush=True)
+        return
     paths, dataset = Paths(workdir), cfg.data.dataset
     if not paths.list_file(dataset, "train").exists():
         print(f"ablate: no lists for {dataset} in {workdir}/data; running download once", flush=True)
