@@ -72,7 +72,7 @@ def stage_speed(stage: str, workdir: Path, overrides: list[str], threads: int) -
     from mme.stages import finetune, pretrain
 
     torch.set_num_threads(threads)
-    rule, loops.main_threads = loops.main_threads, lambda *_: threads  # the setting overrides the rule
+    rule, loops.main_threads = loops.main_threads, lambda *_, **__: threads  # the setting overrides the rule
     cfg = load_config("mini", overrides)
     start, before = time.perf_counter(), load()
     try:

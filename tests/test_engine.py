@@ -179,3 +179,27 @@ def test_per_clip_top1_agrees_with_top1_accuracy_under_ties():
     top1 = topk_accuracy(probs, labels)["top1"]
     assert 100.0 * record.correct["ft_top1"].mean() == pytest.approx(top1)
     assert 100.0 * float(confusion_matrix(probs, labels, 6).diagonal().sum()) / 400 == pytest.approx(top1)
+
+
+def test_training_threads_beside_loader_workers(monkeypatch):
+    """Busy workers (pre-training's crops and flow, inference's decoding) leave the training process the
+    cores they do not take, at least one; light workers (fine-tuning's decode-only items) leave it every core;
+    the loader made sets the process's torch threads."""
+    from torch.utils.data import TensorDataset
+
+    import mme.engine.loops as loops
+
+    assert [loops.main_threads(w, cores=2) for w in (0, 1, 2, 4)] == [2, 1, 1, 1]
+    assert [loops.main_threads(w, cores=2, light_workers=True) for w in (1, 2)] == [2, 2]
+    assert loops.main_threads(2, cores=16) == 14
+    monkeypatch.setattr(loops.os, "sched_getaffinity", lambda pid: {0, 1, 2})  # noqa: ARG005
+    before = torch.get_num_threads()
+    try:
+        data = TensorDataset(torch.zeros(4, 1))
+        loops.make_loader(data, DistEnv(), batch_size=2, shuffle=False, seed=0, num_workers=2, drop_last=False)
+        assert torch.get_num_threads() == 1
+        loops.make_loader(data, DistEnv(), batch_size=2, shuffle=False, seed=0, num_workers=2, drop_last=False,
+                          light_workers=True)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -67,28 +67,33 @@ def prefetch_batches(num_workers: int) -> int:
     return max(1, math.ceil(2 / max(num_workers, 1)))
 
 
-def main_threads(num_workers: int, cores: int | None = None) -> int:
-    """Torch threads of the training process beside `num_workers` busy loader workers on CPU: the cores the
-    workers leave, at least 1. Measured on 2 shared cores (benchmarks/results/pipeline.json): the bare mini
-    step ran 18.5 clips/s on 1 thread and 3.5 on 2 while other processes held the cores, because OpenMP
-    threads that wait for a descheduled sibling stall the whole step."""
+def main_threads(num_workers: int, cores: int | None = None, light_workers: bool = False) -> int:
+    """Torch threads of the training process beside `num_workers` loader workers on CPU: the cores busy
+    workers leave, at least 1; every core when the workers are light. Measured on 2 cores
+    (benchmarks/results/pipeline.json): the bare mini step ran 18.5 clips/s on 1 thread and 3.5 on 2 while
+    other processes held the cores, because OpenMP threads that wait for a descheduled sibling stall the whole
+    step; but fine-tuning's decode-only items cost so little beside its step that 2 threads beside 2 workers
+    ran it at 36.9 clips/s against 27.8 on 1 (pre-training, whose workers crop frames and flow: 35.9 vs 42.2;
+    inference on decoded val clips: 57 vs 82, so both keep the rule)."""
     cores = cores or len(os.sched_getaffinity(0))
-    return max(1, cores - num_workers)
+    return cores if light_workers else max(1, cores - num_workers)
 
 
 def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,
-                drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+                drop_last: bool, collate_fn: Callable[[list[Any]], Any] | None = None,
+                light_workers: bool = False) -> DataLoader:
     """A loader over this rank's share; its order depends only on (seed, epoch) — call `set_epoch`.
 
     Workers persist across epochs when the dataset shares its epoch with them (`epoch_shared`: the epoch
     lives in shared memory, so `set_epoch` in this process reaches the workers); memory is pinned on cuda.
-    On CPU with workers, this process keeps `main_threads(num_workers)` torch threads (workers take one each).
+    On CPU with workers, this process keeps `main_threads(num_workers, light_workers=...)` torch threads
+    (the last loader made decides: make the training loader last).
     """
     sampler = make_sampler(dataset, env, shuffle=shuffle, seed=seed, drop_last=drop_last and shuffle)
     workers = {}
     if num_workers > 0:
         if env.device.type == "cpu":
-            torch.set_num_threads(main_threads(num_workers))
+            torch.set_num_threads(main_threads(num_workers, light_workers=light_workers))
         workers = {"persistent_workers": bool(getattr(dataset, "epoch_shared", False)),
                    "prefetch_factor": prefetch_batches(num_workers)}
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

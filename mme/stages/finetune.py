@@ -92,11 +92,12 @@ def run(cfg: Config, workdir: str | Path, resume: bool = False, init: str | Path
         seed_everything(cfg.seed)
         train_set = VideoClsDataset(cfg, paths.workdir, "train", mode="train")
         val_set = VideoClsDataset(single_view(cfg), paths.workdir, "val", mode="test")
-        # Mixup pairs clip i with clip B-1-i: batches must be full (drop_last).
-        loader = make_loader(train_set, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
-                             num_workers=cfg.data.num_workers, drop_last=True)
         val_loader = make_loader(val_set, env, batch_size=cfg.evaluate.batch_size, shuffle=False, seed=cfg.seed,
                                  num_workers=cfg.data.num_workers, drop_last=False)
+        # Mixup pairs clip i with clip B-1-i: batches must be full (drop_last). Made last: its light
+        # (decode-only) workers leave this process a thread per core for training (`main_threads`).
+        loader = make_loader(train_set, env, batch_size=train.batch_size, shuffle=True, seed=cfg.seed,
+                             num_workers=cfg.data.num_workers, drop_last=True, light_workers=True)
         updates = updates_per_epoch(len(loader), train.accum_steps, f"finetune on {len(train_set)} clips")
         model = build_classifier(cfg, train_set.num_classes).to(env.device)
         optimizer, scheduler, total_batch = optimization(train, model, updates, env.world_size, train.layer_decay)
