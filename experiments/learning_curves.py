@@ -5,7 +5,8 @@
 
 `--data` is a workdir whose `data/` holds the prepared videos, lists and train flow caches (e.g. the repo
 root after `dvc repro extract`). What a point means and how to read it: mme.stages.curves and
-experiments/README.md. Interrupted runs resume where they stopped.
+experiments/README.md. Interrupted runs resume where they stopped; the points' results are kept beside the CSV
+(`<out stem>/<kind>-s<seed>.json`, committed), so re-running a finished curve trains nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def points_file(out: Path, kind: str, seed: int) -> Path:
+    """Where a curve's point results are kept: beside the CSV (`<out stem>/<kind>-s<seed>.json`), committed with
+    it, so a fresh clone rebuilds the CSV without training anything."""
+    return out.parent / out.stem / f"{kind}-s{seed}.json"
+
+
 def write_rows(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.kinds:
         for seed in args.seeds:
             done = curve(args.preset, args.overrides, kind, seed, args.epochs, args.snapshots, args.root, args.data,
-                         args.finetune)
+                         args.finetune, store=points_file(args.out, kind, seed))
             new = curve_rows(kind, seed, done)
             rows += new
             write_rows(args.out, rows)  # each finished curve is on disk at once

@@ -48,7 +48,8 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
         assert float(row["probe_top1_low"]) <= float(row["probe_top1"]) <= float(row["probe_top1_high"])
         assert int(row["test_clips"]) == int(floor["test_clips"]) > 0
 
-    store = json.loads((workdir / "curve.json").read_text())
+    kept = tmp_path / "curve" / "traj-s0.json"  # beside the CSV, for committing with it
+    store = json.loads(kept.read_text())
     assert set(store) == {"pretrain", "0", "1", str(EPOCHS)}
 
     def no_probe(*_a, **_k):
@@ -56,14 +57,24 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(curves, "probe_point", no_probe)
-        again = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
+        again = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir, store=kept)
     assert again == store
+    # A fresh clone holds only the committed file: it rebuilds the curve without pre-training again.
+    with monkeypatch.context() as patch:
+        from mme.stages import pretrain
+
+        patch.setattr(curves, "probe_point", no_probe)
+        patch.setattr(pretrain, "run", no_probe)
+        elsewhere = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "clone", extracted_workdir,
+                                 store=kept)
+    assert elsewhere == store and not (tmp_path / "clone" / "traj-s0" / "models").exists()
 
     # Another probe recipe re-fits the heads of every point on the features each point cached.
     from mme.stages import probe
 
     monkeypatch.setattr(probe, "compute_features", lambda *_a, **_k: no_probe())
-    refit = curves.curve("smoke", ["probe.epochs=2"], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir)
+    refit = curves.curve("smoke", ["probe.epochs=2"], "traj", 0, EPOCHS, [1], tmp_path / "runs", extracted_workdir,
+                         store=kept)
     assert all(refit[k]["recipe"] != store[k]["recipe"] for k in ("0", "1", str(EPOCHS)))
     assert {refit[k]["metrics"]["epochs"] for k in ("0", "1")} <= {2, 4}
 
@@ -96,5 +107,6 @@ def test_finetune_points_start_from_their_snapshot_and_pair_with_scratch(tmp_pat
         raise AssertionError("a fine-tuned point was fine-tuned again")
 
     monkeypatch.setattr(curves, "finetune_point", no_finetune)
-    again = curves.curve("smoke", ["finetune.epochs=1"], "traj", 0, EPOCHS, [1], root, extracted_workdir, finetune=True)
+    again = curves.curve("smoke", ["finetune.epochs=1"], "traj", 0, EPOCHS, [1], root, extracted_workdir, finetune=True,
+                         store=cli.points_file(out, "traj", 0))
     assert set(again["finetune"]) == {"0", "1", str(EPOCHS)}

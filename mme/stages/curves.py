@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mme.config import load_config
+from mme.config import SPEED_ONLY, load_config
 from mme.engine.checkpointing import FINAL, LAST
 from mme.engine.fit import snapshot_path
 from mme.paths import Paths
@@ -66,8 +66,10 @@ def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
 
 
 def finetune_recipe(cfg: Any) -> str:
+    """What a fine-tuned point's numbers depend on besides the encoder (speed-only keys left out)."""
     tree = cfg.to_dict()
-    return json.dumps({"finetune": tree["finetune"], "evaluate": tree["evaluate"]}, sort_keys=True)
+    tuned = {k: v for k, v in tree["finetune"].items() if f"finetune.{k}" not in SPEED_ONLY}
+    return json.dumps({"finetune": tuned, "evaluate": tree["evaluate"]}, sort_keys=True)
 
 
 def finetune_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
@@ -86,27 +88,28 @@ def finetune_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
 
 
 def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: int, snapshots: Sequence[int],
-          root: Path, data_dir: Path, finetune: bool = False) -> dict[str, Any]:
+          root: Path, data_dir: Path, finetune: bool = False, store: Path | None = None) -> dict[str, Any]:
     """Pre-train `kind` for `epochs` keeping `snapshots`, probe (and with `finetune`, fine-tune) each and
-    the untrained encoder."""
+    the untrained encoder. `store` (default `<run>/curve.json`) keeps the points' results: given the stored
+    file of a finished curve (committed beside the CSV), nothing is trained again, not even pre-training."""
     from mme.stages import pretrain
 
     cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
     workdir = run_dir(root / f"{kind}-s{seed}", data_dir)
-    store = workdir / "curve.json"
+    store = store or workdir / "curve.json"
     done = json.loads(store.read_text()) if store.exists() else {}
-    points = sorted({*snapshots, epochs})
-    if not (Paths(workdir).models_dir("pretrain") / FINAL).exists():
-        done["pretrain"] = pretrain.run(cfg, workdir, snapshots=tuple(points))
-    for epoch in [RANDOM_EPOCH, *points]:
-        if done.get(str(epoch), {}).get("recipe") == recipe(cfg):
-            continue
+    points = [RANDOM_EPOCH, *sorted({*snapshots, epochs})]
+    probes = [e for e in points if done.get(str(e), {}).get("recipe") != recipe(cfg)]
+    tunes = [e for e in points if finetune and done.get("finetune", {}).get(str(e), {}).get("recipe")
+             != finetune_recipe(cfg)]
+    trained = any(e != RANDOM_EPOCH for e in probes + tunes)
+    if trained and not (Paths(workdir).models_dir("pretrain") / FINAL).exists():
+        done["pretrain"] = pretrain.run(cfg, workdir, snapshots=tuple(points[1:]))
+    for epoch in probes:
         init = "random" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
         done[str(epoch)] = probe_point(cfg, run_dir(workdir / "points" / f"e{epoch}", data_dir), init)
         write_json(store, done)
-    for epoch in [RANDOM_EPOCH, *points] if finetune else []:
-        if done.get("finetune", {}).get(str(epoch), {}).get("recipe") == finetune_recipe(cfg):
-            continue
+    for epoch in tunes:
         init = "none" if epoch == RANDOM_EPOCH else snapshot_path(Paths(workdir), "pretrain", epoch)
         found = finetune_point(cfg, run_dir(workdir / "points" / f"e{epoch}", data_dir), init)
         done.setdefault("finetune", {})[str(epoch)] = found
