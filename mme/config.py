@@ -162,9 +162,7 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     label_smoothing: float = 0.1
-    # Fraction of tube positions dropped from every training clip (val/test see all tokens; 0 = standard):
-    # the paper's ablations "reduce the input patches of fine-tuning"; the trial budget uses it.
-    token_drop: float = 0.0
+    token_drop: float = 0.0  # tube positions dropped per training clip, val/test see all (README, Presets)
     val_every: int = 1  # val after every N-th epoch and the last (only watched; 1 200 val clips cost time)
     accum_steps: int = 1
     amp: Amp = "bf16"
@@ -390,10 +388,8 @@ COUNTS: dict[str, int] = {
     "model.patch_size": 1, "model.tubelet_size": 1, "probe.attentive_epochs": 0,
     "pretrain.epochs": 1, "pretrain.batch_size": 1, "pretrain.warmup_epochs": 0, "pretrain.accum_steps": 1,
     "finetune.epochs": 1, "finetune.batch_size": 1, "finetune.warmup_epochs": 0, "finetune.accum_steps": 1,
-    "finetune.val_every": 1,
-    "probe.epochs": 1, "probe.batch_size": 1, "evaluate.num_clips": 1, "evaluate.num_crops": 1,
-    "evaluate.batch_size": 1,
-}
+    "finetune.val_every": 1, "probe.epochs": 1, "probe.batch_size": 1, "evaluate.num_clips": 1,
+    "evaluate.num_crops": 1, "evaluate.batch_size": 1}
 # Non-negative amounts (0 switches the feature off).
 NON_NEGATIVE = ("pretrain.clip_grad", "finetune.clip_grad", "finetune.mixup", "finetune.cutmix")
 
