@@ -201,5 +201,7 @@ def test_training_threads_beside_loader_workers(monkeypatch):
         loops.make_loader(data, DistEnv(), batch_size=2, shuffle=False, seed=0, num_workers=2, drop_last=False,
                           light_workers=True)
         assert torch.get_num_threads() == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this host share its cores
+        assert loops.main_threads(2, light_workers=True) == 1 and loops.main_threads(0) == 1
     finally:
         torch.set_num_threads(before)

@@ -75,8 +75,13 @@ def main_threads(num_workers: int, cores: int | None = None, light_workers: bool
     step; but fine-tuning's decode-only items cost so little beside its step that 2 threads beside 2 workers
     ran it at 36.9 clips/s against 27.8 on 1 (pre-training, whose workers crop frames and flow: 35.9 vs 42.2;
     inference on decoded val clips: 57 vs 82, so both keep the rule)."""
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or host_cores()
     return cores if light_workers else max(1, cores - num_workers)
+
+
+def host_cores() -> int:
+    """The cores this process may use, shared out among the ranks torchrun started on this host."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def make_loader(dataset: Dataset, env: DistEnv, *, batch_size: int, shuffle: bool, seed: int, num_workers: int,
