@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -236,8 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"epochs": 5, "batch_size": 8},
         "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
     },
-    # `dvc repro` measured 28 minutes on 2 CPU cores (README); why the generated set is shaped this way
-    # (one shared look, magnified, no distractors or pan): docs/deviations.md.
+    # Why the generated set is shaped this way (one shared look, magnified, no pan): docs/deviations.md.
     "mini": {
         "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
                  "appearance": "shared", "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
@@ -384,8 +384,8 @@ COUNTS: dict[str, int] = {
     "data.short_side": 1, "data.input_size": 1, "data.num_workers": 0,
     "data.synthetic.num_videos": 1, "data.synthetic.num_frames": 2, "data.synthetic.size": 1,
     "data.synthetic.fps": 1, "data.synthetic.distractors": 0, "data.synthetic.workers": 0,
-    "data.synthetic.val_videos": 0, "data.synthetic.test_videos": 0, "flow.workers": 0,
-    "model.patch_size": 1, "model.tubelet_size": 1, "probe.attentive_epochs": 0,
+    "data.synthetic.val_videos": 0, "data.synthetic.test_videos": 0, "flow.workers": 0, "model.patch_size": 1,
+    "model.tubelet_size": 1, "probe.attentive_epochs": 0,
     "pretrain.epochs": 1, "pretrain.batch_size": 1, "pretrain.warmup_epochs": 0, "pretrain.accum_steps": 1,
     "finetune.epochs": 1, "finetune.batch_size": 1, "finetune.warmup_epochs": 0, "finetune.accum_steps": 1,
     "finetune.val_every": 1, "probe.epochs": 1, "probe.batch_size": 1, "evaluate.num_clips": 1,
@@ -416,12 +416,9 @@ def validate(cfg: Config) -> None:
     for key, (low, high) in RANGES.items():
         if not low <= flat[key] <= high:
             raise ConfigError(f"{key}={flat[key]} is out of range [{low}, {high}]")
-    if cfg.data.num_frames % cfg.model.tubelet_size:
-        raise ConfigError(
-            f"data.num_frames={cfg.data.num_frames} must be a multiple of model.tubelet_size={cfg.model.tubelet_size}")
-    if cfg.data.input_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"data.input_size={cfg.data.input_size} must be a multiple of model.patch_size={cfg.model.patch_size}")
+    for size, unit in (("data.num_frames", "model.tubelet_size"), ("data.input_size", "model.patch_size")):
+        if flat[size] % flat[unit]:
+            raise ConfigError(f"{size}={flat[size]} must be a multiple of {unit}={flat[unit]}")
     if cfg.data.input_size > cfg.data.short_side:
         raise ConfigError(
             f"data.input_size={cfg.data.input_size} must not exceed data.short_side={cfg.data.short_side}")
@@ -482,13 +479,16 @@ def load_config(preset: str | None = None, overrides: tuple[str, ...] | list[str
 
 def params_tree(cfg: Config) -> dict[str, Any]:
     """The resolved config as a params.yaml mapping (tuples as lists, `preset` first)."""
+    return json.loads(json.dumps(cfg.to_dict()))
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return list(value) if isinstance(value, tuple) else value
 
-    return plain(cfg.to_dict())
+def result_tree(cfg: Config, keep: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`cfg` as a tree without its SPEED_ONLY keys (but those in `keep`): what a stored result depends on."""
+    tree = cfg.to_dict()
+    for key in SPEED_ONLY - keep:
+        *sections, name = key.split(".")
+        functools.reduce(dict.get, sections, tree).pop(name)
+    return tree
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mme.config import ConfigError, config_from_dict, load_config
+from mme.config import SPEED_ONLY, ConfigError, config_from_dict, load_config, result_tree
 
 
 def test_presets_differ_where_documented():
@@ -90,3 +90,15 @@ def test_model_dimensions_default_to_the_named_size_and_explicit_values_win():
     assert load_config("mini", ["model.depth=4", "model.depth=null"]).model.depth is None
     with pytest.raises(ConfigError, match="model.depth must be an integer"):
         load_config("mini", ["model.depth=deep"])
+
+
+def test_result_tree_drops_exactly_the_speed_only_keys():
+    from mme.config import _flatten
+
+    cfg = load_config("mini", ["pretrain.compile=true", "data.num_workers=5"])
+    full, kept = cfg.flat(), _flatten(result_tree(cfg))
+    assert set(full) - set(kept) == SPEED_ONLY
+    assert all(kept[k] == full[k] for k in kept)
+    partial = _flatten(result_tree(cfg, keep=frozenset({"data.num_workers"})))
+    assert partial["data.num_workers"] == 5 and "pretrain.compile" not in partial
+    assert cfg.flat() == full  # the config itself is untouched

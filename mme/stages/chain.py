@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mme.config import SPEED_ONLY, Config
+from mme.config import Config, result_tree
 from mme.paths import Paths
 from mme.reports import per_clip
 from mme.utils import write_json
@@ -55,13 +55,7 @@ def part_key(cfg: Config, part: str) -> str:
     holds the probe recipe's version, so a new recipe is not answered by an old result."""
     from mme.stages import probe
 
-    tree = cfg.to_dict()
-    for key in SPEED_ONLY - DIGESTED_SPEED_ONLY:
-        *sections, name = key.split(".")
-        node = tree
-        for section in sections:
-            node = node.get(section, {})
-        node.pop(name, None)
+    tree = result_tree(cfg, keep=DIGESTED_SPEED_ONLY)
     for section in UNREAD_SECTIONS[part] + (PRETRAIN_ONLY if is_floor(cfg) else ()):
         tree.pop(section, None)
     if is_floor(cfg):

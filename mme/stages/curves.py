@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mme.config import SPEED_ONLY, load_config
+from mme.config import load_config, result_tree
 from mme.engine.checkpointing import FINAL, LAST
 from mme.engine.fit import snapshot_path
 from mme.paths import Paths
@@ -67,9 +67,8 @@ def probe_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
 
 def finetune_recipe(cfg: Any) -> str:
     """What a fine-tuned point's numbers depend on besides the encoder (speed-only keys left out)."""
-    tree = cfg.to_dict()
-    tuned = {k: v for k, v in tree["finetune"].items() if f"finetune.{k}" not in SPEED_ONLY}
-    return json.dumps({"finetune": tuned, "evaluate": tree["evaluate"]}, sort_keys=True)
+    tree = result_tree(cfg)
+    return json.dumps({"finetune": tree["finetune"], "evaluate": tree["evaluate"]}, sort_keys=True)
 
 
 def finetune_point(cfg: Any, workdir: Path, init: str | Path) -> dict[str, Any]:
