@@ -50,9 +50,10 @@ def per_item(cfg, workdir, epoch: int, indices: list[int]) -> list[dict]:
     return [dataset[i] for i in indices]
 
 
-@pytest.mark.parametrize("kind", ["traj", "hog+traj_pos", "pixel", "traj_official"])
-def test_a_batch_equals_the_per_item_targets(extracted_workdir, kind):
-    cfg = load_config("smoke", [f"target.kind={kind}", "data.flip=on"])
+@pytest.mark.parametrize("kind, shuffled", [("traj", False), ("hog+traj_pos", False), ("pixel", False),
+                                             ("traj_official", False), ("pixel", True), ("traj", True)])
+def test_a_batch_equals_the_per_item_targets(extracted_workdir, kind, shuffled):
+    cfg = load_config("smoke", [f"target.kind={kind}", "data.flip=on", f"data.shuffle_frames={str(shuffled).lower()}"])
     dataset = PretrainDataset(cfg, extracted_workdir)
     flips = [dataset.load(i, item_rng(cfg.seed, 1, i)).crop.flip for i in INDICES]
     assert any(flips) and not all(flips)  # the batch mixes flipped and plain crops

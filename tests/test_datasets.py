@@ -58,6 +58,7 @@ def test_items_are_the_same_in_dataloader_workers(extracted_workdir, smoke_cfg):
 
 
 def test_shuffle_frames_permutes_only_the_input_order(extracted_workdir):
+    """traj reads flow a shuffled video does not have: its targets keep the real order."""
     plain = PretrainDataset(load_config("smoke"), extracted_workdir)[2]
     shuffled = PretrainDataset(load_config("smoke", ["data.shuffle_frames=true"]), extracted_workdir)[2]
     assert torch.equal(plain["target"], shuffled["target"]) and torch.equal(plain["mask"], shuffled["mask"])
@@ -65,6 +66,26 @@ def test_shuffle_frames_permutes_only_the_input_order(extracted_workdir):
     frames_shuffled = shuffled["video"].transpose(0, 1).flatten(1)
     order = [int(torch.nonzero((frames_plain == f).all(1))[0]) for f in frames_shuffled]
     assert sorted(order) == list(range(8)) and order != list(range(8))
+
+
+def test_shuffled_pixel_targets_are_the_shuffled_clips_own(extracted_workdir):
+    """VideoMAE on a frame-shuffled video (the paper's Fig. 3) reconstructs the frames as shown: the pixel
+    target of a shuffled item is the pixel target of its own (shuffled) input clip, not the real order's."""
+    from mme.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from mme.targets import TargetInputs, get_target
+
+    overrides = ["target.kind=pixel", "target.patch_norm=false"]
+    plain = PretrainDataset(load_config("smoke", overrides), extracted_workdir)[2]
+    cfg = load_config("smoke", [*overrides, "data.shuffle_frames=true"])
+    shuffled = PretrainDataset(cfg, extracted_workdir)[2]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    shown = ((shuffled["video"] * std + mean) * 255).permute(1, 2, 3, 0)  # (T, H, W, 3) as shown, 0..255
+    offsets = torch.tensor(TargetGeometry.from_cfg(cfg).input_offsets)
+    own, _ = get_target(cfg).build(TargetInputs(shown, offsets), cfg)
+    assert (shuffled["target"] - own).abs().max() < 1e-4
+    assert (shuffled["target"] - plain["target"]).abs().max() > 0.1  # not the real order's target
+    assert get_target(cfg).follows_shuffle(TargetGeometry.from_cfg(cfg))
+    assert not get_target(load_config("smoke")).follows_shuffle(TargetGeometry.from_cfg(cfg))  # traj: flow
 
 
 def test_missing_flow_caches_are_skipped_and_named(workdir_copy, smoke_cfg):

@@ -6,8 +6,8 @@ knows the cuts); one open and decode of the video for the input frames and those
 from the cache (and the backward one with `target.fb_check`); one random resized crop (+ flip where the labels
 allow it) applied to frames AND flow; the targets of `target.kind` built from those augmented frames and flow
 (or, with `targets=False`, what they are built from, for one build per batch: `mme.datasets.batching`); the
-mask; optionally the input frames shuffled (`data.shuffle_frames`, the paper's Fig. 3: only the input order is
-shuffled, targets come from the real video).
+mask; optionally the input frames shuffled (`data.shuffle_frames`, the paper's Fig. 3; a kind that reads only the
+input frames builds its targets from the shuffled clip, any other from the real order: `TargetSpec.follows_shuffle`).
 
 Where the decoded cache fits (`data.decoded_cache`, `mme.motion.decoded`): with it on, the pre-training items
 and the classification items of the train split take their frames, and the pre-training items their flow
@@ -25,6 +25,7 @@ fork into DataLoader workers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,14 @@ class ClipSample:
 
     @property
     def clip(self) -> torch.Tensor:
-        """float32 (T, S, S, 3) 0..255 input frames in their real order."""
+        """float32 (T, S, S, 3) 0..255 input frames, in their real order unless `shuffled`."""
         return self.inputs.frames[self.input_rows]
+
+    def shuffled(self, order: torch.Tensor) -> ClipSample:
+        """This sample with input frame k replaced by input frame `order[k]` (the other frames and flow kept)."""
+        frames = self.inputs.frames.clone()
+        frames[self.input_rows] = self.inputs.frames[self.input_rows[order]]
+        return dataclasses.replace(self, inputs=dataclasses.replace(self.inputs, frames=frames))
 
 
 def clip_start(num_video_frames: int, span: int, cuts: list[int] | None, rng: np.random.Generator) -> int:
@@ -161,27 +168,32 @@ def load_clip(cfg, spec: TargetSpec, video: Path, num_video_frames: int | None, 
     return ClipSample(inputs, inputs.rows(geo.input_offsets), start, crop, count)
 
 
-def _video_and_mask(cfg, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """The normalised input clip and the mask (drawn after the crop; the shuffle last)."""
-    mask = make_mask(cfg.mask.kind, cfg.mask.ratio, TargetGeometry.from_cfg(cfg).grid, rng)
-    clip = sample.clip
+def _video_and_mask(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator
+                    ) -> tuple[dict[str, torch.Tensor], ClipSample]:
+    """The normalised input clip and the mask (drawn after the crop; the shuffle last), and the sample the
+    targets are built from: the shuffled one for a kind that `follows_shuffle`, else the real order."""
+    geo = TargetGeometry.from_cfg(cfg)
+    mask = make_mask(cfg.mask.kind, cfg.mask.ratio, geo.grid, rng)
+    shown = sample
     if cfg.data.shuffle_frames:
-        clip = clip[torch.from_numpy(rng.permutation(len(clip)))]
-    return {"video": normalize(clip), "mask": torch.from_numpy(mask)}
+        shown = sample.shuffled(torch.from_numpy(rng.permutation(len(sample.input_rows))))
+    source = shown if spec.follows_shuffle(geo) else sample
+    return {"video": normalize(shown.clip), "mask": torch.from_numpy(mask)}, source
 
 
 def pretrain_item(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """video (3,T,H,W) normalised, mask (N,) bool, target (N,D) float32, target_valid (N,D) bool."""
-    target, target_valid = spec.build(sample.inputs, cfg)
-    return _video_and_mask(cfg, sample, rng) | {"target": target, "target_valid": target_valid}
+    item, source = _video_and_mask(cfg, spec, sample, rng)
+    target, target_valid = spec.build(source.inputs, cfg)
+    return item | {"target": target, "target_valid": target_valid}
 
 
 def pretrain_inputs(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """What the batch's targets are built from (`mme.datasets.batching`): video, mask, `luma` (F,H,W) for
     kinds without colour or `frames` (F,H,W,3), and for flow kinds `flow` (P,H,W,2) zero-padded to the kind's
     `flow_pairs` P, its real pairs `flow_pairs`, `cut_pairs` (P,) when the cuts are known, `backward`."""
-    inputs = sample.inputs
-    item = _video_and_mask(cfg, sample, rng)
+    item, source = _video_and_mask(cfg, spec, sample, rng)
+    inputs = source.inputs
     item |= {"frames": inputs.frames} if spec.needs_rgb else {"luma": inputs.gray}
     if inputs.flow is not None:
         pairs = spec.flow_pairs(TargetGeometry.from_cfg(cfg))

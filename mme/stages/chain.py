@@ -32,6 +32,7 @@ from typing import Any
 from mme.config import Config, result_tree
 from mme.paths import Paths
 from mme.reports import per_clip
+from mme.targets import TargetGeometry, get_target
 from mme.utils import write_json
 
 PARTS = ("pretrain", "finetune", "probe")  # in running order; a trial runs those named in its stages
@@ -64,6 +65,8 @@ def part_key(cfg: Config, part: str) -> str:
                 tree[section].pop(key, None)
     if part == "probe":
         tree["probe_recipe"] = probe.RECIPE
+    if cfg.data.shuffle_frames and not is_floor(cfg) and get_target(cfg).follows_shuffle(TargetGeometry.from_cfg(cfg)):
+        tree["targets_follow_shuffle"] = True  # since 2026-12-02; results from before kept the real order
     text = json.dumps(tree, sort_keys=True, default=str)
     return f"{part}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"
 

@@ -326,6 +326,13 @@ class TargetSpec(abc.ABC):
         """Offsets of the frames the kind reads besides the input frames."""
         return set()
 
+    def follows_shuffle(self, geo: TargetGeometry) -> bool:
+        """Under `data.shuffle_frames`: True when the kind reads only the input frames, so its targets are built
+        from the shuffled clip, as on a video whose frames were shuffled (VideoMAE's pixels in the paper's
+        Fig. 3); False when it reads flow or frames between the inputs, which a shuffled video does not have:
+        its targets keep the real order (docs/targets.md, Shuffled frames)."""
+        return not self.needs_flow and self.frame_offsets(geo) <= set(geo.input_offsets)
+
     def flow_pairs(self, geo: TargetGeometry) -> int:  # noqa: ARG002  (kinds override)
         """Flow pairs from the clip start the kind reads (0: none)."""
         return 0
