@@ -174,11 +174,15 @@ def _video_and_mask(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Ge
     targets are built from: the shuffled one for a kind that `follows_shuffle`, else the real order."""
     geo = TargetGeometry.from_cfg(cfg)
     mask = make_mask(cfg.mask.kind, cfg.mask.ratio, geo.grid, rng)
-    shown = sample
+    clip = sample.clip
     if cfg.data.shuffle_frames:
-        shown = sample.shuffled(torch.from_numpy(rng.permutation(len(sample.input_rows))))
-    source = shown if spec.follows_shuffle(geo) else sample
-    return {"video": normalize(shown.clip), "mask": torch.from_numpy(mask)}, source
+        order = torch.from_numpy(rng.permutation(len(sample.input_rows)))
+        if spec.follows_shuffle(geo):  # only then the frames are copied: the targets read them shuffled
+            sample = sample.shuffled(order)
+            clip = sample.clip
+        else:
+            clip = clip[order]
+    return {"video": normalize(clip), "mask": torch.from_numpy(mask)}, sample
 
 
 def pretrain_item(cfg, spec: TargetSpec, sample: ClipSample, rng: np.random.Generator) -> dict[str, torch.Tensor]:
