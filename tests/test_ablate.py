@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from mme.ablation import STUDIES, blocking_reason, optuna_study_name
-from mme.ablation.storage import HEARTBEAT_GRACE_S
+from mme.ablation.storage import HEARTBEAT_GRACE_S, open_storage, storage_lock
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATE = REPO / "experiments" / "ablate.py"
@@ -159,6 +159,18 @@ def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner
     assert ablate.main(argv) == 1 and len(_trials(storage, "norm-smoke-synthetic")) == len(trials)
     table = pd.read_csv(tmp_path / "work/reports/tables/table7b_norm.csv").set_index("setting")
     assert table.loc["w/o patch norm", "n_seeds"] == 0 and pd.isna(table.loc["w/o patch norm", "ft_top1_mean"])
+
+
+def test_our_store_lock_leaves_optunas_journal_lock_alone(tmp_path):
+    """Optuna locks a journal through `<file>.lock` and removes a foreign file there by force after 30 s:
+    holding our lock while it writes must neither stall the write nor have our lock file removed under us."""
+    url = str(tmp_path / "optuna.journal")
+    with storage_lock(url):
+        ours = [p for p in tmp_path.iterdir() if p.name != "optuna.journal"]
+        optuna.create_study(study_name="s", storage=open_storage(url))
+        assert ours and all(p.is_file() for p in ours), ours  # our lock is still there, a plain file
+    assert optuna.get_all_study_names(open_storage(url)) == ["s"]
+    assert not (tmp_path / "optuna.journal.lock").exists()  # Optuna's own lock was released
 
 
 def _t(number, state, setting=None, seed=0, minute=0, queued=None, **user_attrs):

@@ -205,3 +205,23 @@ def test_training_threads_beside_loader_workers(monkeypatch):
         assert loops.main_threads(2, light_workers=True) == 1 and loops.main_threads(0) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bf16_on_a_device_without_native_bf16_warns_once_and_names_the_fix(monkeypatch):
+    import warnings
+
+    from mme.engine import loops
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loops, "native_bf16", lambda _type: False)
+    loops._warn_emulated_bf16.cache_clear()
+    with pytest.warns(UserWarning, match="pretrain.amp=off and finetune.amp=off") as caught:
+        assert loops.amp_dtype("bf16", cpu) is torch.bfloat16  # still the requested precision
+        loops.amp_dtype("bf16", cpu)
+    assert len([w for w in caught if "native bf16" in str(w.message)]) == 1
+    monkeypatch.setattr(loops, "native_bf16", lambda _type: True)
+    loops._warn_emulated_bf16.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loops.amp_dtype("bf16", cpu) is torch.bfloat16 and loops.amp_dtype("off", cpu) is None
+    loops._warn_emulated_bf16.cache_clear()

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mme.engine.tracking import file_lock, sqlite_file
+from mme.engine.tracking import lock_beside, sqlite_file
 
 # A worker's trial counts as dead after this long without a heartbeat (its process was killed).
 HEARTBEAT_INTERVAL_S = 30
@@ -35,10 +35,10 @@ def storage_exists(url: str) -> bool:
 
 
 def storage_lock(url: str) -> contextlib.AbstractContextManager[None]:
-    """An exclusive lock next to a SQLite or journal store (`<file>.lock`), for the processes of one
+    """An exclusive lock next to a SQLite or journal store (`<file>.mme-lock`), for the processes of one
     machine or shared filesystem; a no-op for servers (their database serialises schema creation)."""
     path = sqlite_file(url) or (journal_path(url) if is_journal_url(url) else None)
-    return file_lock(path.with_name(path.name + ".lock")) if path is not None else contextlib.nullcontext()
+    return lock_beside(path) if path is not None else contextlib.nullcontext()
 
 
 def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:

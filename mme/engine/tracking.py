@@ -79,10 +79,21 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+# Not `.lock`: Optuna's journal storage locks `<file>.lock` itself (a symlink, removed by force after 30 s
+# when it finds a file there), so a lock of ours under that name stalls every journal write by 30 s and is
+# then deleted under us.
+LOCK_SUFFIX = ".mme-lock"
+
+
+def lock_beside(path: Path) -> contextlib.AbstractContextManager[None]:
+    """`file_lock` on `<path>.mme-lock`, the lock of the store at `path`."""
+    return file_lock(path.with_name(path.name + LOCK_SUFFIX))
+
+
 def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
-    """`file_lock` next to a SQLite store (`<db>.lock`); a no-op for servers."""
+    """`lock_beside` a SQLite store; a no-op for servers."""
     db = sqlite_file(uri)
-    return file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
+    return lock_beside(db) if db is not None else contextlib.nullcontext()
 
 
 def git_commit(cwd: str | Path = ".") -> str:
