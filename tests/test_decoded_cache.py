@@ -195,6 +195,18 @@ def test_a_touched_video_keeps_its_entry(workdir_copy):
     assert on.decoded._entries[(on.items[0][0], True)] is not None
 
 
+def test_an_entry_rewritten_after_a_touch_is_byte_identical(workdir_copy):
+    """No time stamps in an entry: rebuilt from the same video elsewhere, it hashes the same (DVC)."""
+    rel = train_videos(workdir_copy)[0]
+    video = resolve_video(workdir_copy, rel)
+    flow = load_flow(flow_cache_path(workdir_copy, "synthetic", rel))
+    entry = decoded_entry_path(workdir_copy, "synthetic", rel)
+    before = {p.name: p.read_bytes() for p in entry.iterdir()}
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    write_entry(entry, video, read_frames(video, range(flow.num_pairs + 1), short_side=64), flow, 64)
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before
+
+
 def test_extract_redoes_a_damaged_or_stale_entry_and_reuses_the_rest(workdir_copy):
     videos = train_videos(workdir_copy)
     entry = decoded_entry_path(workdir_copy, "synthetic", videos[1])

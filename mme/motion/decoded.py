@@ -14,12 +14,14 @@ One entry per video, a directory `data/decoded/<dataset>/<video_key>/` (format v
 - `back.npy`: the backward codes in the same layout, only when the flow cache stores backward flow;
 - `meta.json` (written last): `format_version`, `short_side`, `frames` and `pairs` shapes, `backward`,
   `flow` (the flow cache's metadata, cuts included: an entry made from another flow cache is stale),
-  `source` (the video's `bytes`, `mtime_ns` and `sha1`) and `crc32` of each `.npy` file.
+  `source` (the video's `bytes` and `sha1`) and `crc32` of each `.npy` file. No time stamps: the same
+  videos give byte-identical entries on any machine, so DVC's hash of the cache (and with it every stage
+  downstream of `extract`) does not change when the cache is rebuilt elsewhere.
 
 An entry is written into a temp directory beside it and renamed into place, so an interrupted writer leaves
 only a `.<name>.*.tmp` directory, which no reader looks at. A reader checks the metadata, the source video
-(size, then mtime; a changed mtime with the same size is settled by the content hash, so a checkout that only
-touched the file keeps the entry) and every file's header and length against the metadata (`open_entry`);
+(size, then content hash, once per video and process: a checkout that only touched the file keeps the entry)
+and every file's header and length against the metadata (`open_entry`);
 the extract stage also checks the CRCs (`entry_problem(deep=True)`) before reusing an entry.
 """
 
@@ -66,9 +68,8 @@ def _sha1(path: Path) -> str:
 
 
 def source_stamp(video: Path) -> dict[str, Any]:
-    """What identifies the video an entry was decoded from: size, mtime and content hash."""
-    stat = video.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha1": _sha1(video)}
+    """What identifies the video an entry was decoded from: size and content hash."""
+    return {"bytes": video.stat().st_size, "sha1": _sha1(video)}
 
 
 def _source_problem(stamp: dict[str, Any], video: Path) -> str | None:
@@ -78,7 +79,7 @@ def _source_problem(stamp: dict[str, Any], video: Path) -> str | None:
         return f"its video {video} cannot be read ({exc})"
     if stat.st_size != stamp.get("bytes"):
         return f"its video {video} changed size ({stamp.get('bytes')} -> {stat.st_size} bytes)"
-    if stat.st_mtime_ns != stamp.get("mtime_ns") and _sha1(video) != stamp.get("sha1"):
+    if _sha1(video) != stamp.get("sha1"):
         return f"its video {video} changed (another content hash)"
     return None
 
