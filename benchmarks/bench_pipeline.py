@@ -150,7 +150,6 @@ def profile_loader(workdir: Path, clips: int = 32, cached: bool = False, disk: b
     and warms the page cache, as the first epoch does for the later ones.
     """
     import mme.datasets.clips as clips_module
-    from mme.data.video import read_clip
     from mme.datasets import PretrainDataset
     from mme.datasets.batching import build_targets, collate_inputs
     from mme.motion.cache import FlowCache
@@ -175,20 +174,7 @@ def profile_loader(workdir: Path, clips: int = 32, cached: bool = False, disk: b
         setattr(owner, name, wrapper)
 
     memory: dict = {}
-    decode = window = None
-    if cached:
-        def decode(path, indices_fn, short_side=None, num_frames=None):
-            if path not in memory:
-                memory[path] = read_clip(path, lambda n: np.arange(n), short_side)
-            info, frames = memory[path]
-            return info, frames[indices_fn(info.num_frames if num_frames is None else num_frames)]
-
-        def window(self, start, stop, backward=False):
-            key = (self.path, backward)
-            if key not in memory:
-                memory[key] = originals[(FlowCache, "window")](self, 0, self.num_pairs, backward)
-            return memory[key][start:stop].copy()
-
+    decode, window = _in_memory(memory, FlowCache.window) if cached else (None, None)
     timed(clips_module, "read_clip", "decode", decode)
     for name in ("resize_flow", "crop_flow", "crop_frames"):
         timed(clips_module, name, "crop")
@@ -212,16 +198,44 @@ def profile_loader(workdir: Path, clips: int = 32, cached: bool = False, disk: b
     finally:
         for (owner, name), original in originals.items():
             setattr(owner, name, original)
+    return _summary(spent, item_total, targets, clips, memory if cached else None, dataset if disk else None,
+                    workdir)
+
+
+def _in_memory(memory: dict, flow_window):
+    """Replacements of the clip decoder and the flow cache's window that read each video once into `memory`
+    and slice it from there (the `cached` variant of `profile_loader`)."""
+    from mme.data.video import read_clip
+
+    def decode(path, indices_fn, short_side=None, num_frames=None):
+        if path not in memory:
+            memory[path] = read_clip(path, lambda n: np.arange(n), short_side)
+        info, frames = memory[path]
+        return info, frames[indices_fn(info.num_frames if num_frames is None else num_frames)]
+
+    def window(self, start, stop, backward=False):
+        key = (self.path, backward)
+        if key not in memory:
+            memory[key] = flow_window(self, 0, self.num_pairs, backward)
+        return memory[key][start:stop].copy()
+
+    return decode, window
+
+
+def _summary(spent: dict, item_total: float, targets: float, clips: int, memory: dict | None, dataset,
+             workdir: Path) -> dict:
+    """ms per clip of each timed step, the item and the batched targets; MB per video of the in-memory cache
+    (`memory`) or of the on-disk one (`dataset`, which read it)."""
     out = {k: round(1000 * v / clips, 2) for k, v in spent.items()}
     out["item_total"] = round(1000 * item_total / clips, 2)
     out["rest_of_item (mask, luma, pad, normalise)"] = round(out["item_total"] - sum(
         out[k] for k in ("decode", "flow_read", "crop")), 2)
     out["targets_batched_collate_included"] = round(1000 * targets / clips, 2)
-    if cached:
+    if memory is not None:
         arrays = [value[1] if isinstance(value, tuple) else value for value in memory.values()]
         videos = sum(isinstance(value, tuple) for value in memory.values())
         out["cache_mb_per_video"] = round(sum(a.nbytes for a in arrays) / max(videos, 1) / 1e6, 2)
-    if disk:
+    if dataset is not None:
         if dataset.decoded.problems:
             raise RuntimeError(f"the decoded cache is incomplete: {dataset.decoded.problems[0]}")
         entries = list((workdir / "data" / "decoded" / "synthetic").glob("*/*"))

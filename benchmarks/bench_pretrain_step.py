@@ -194,25 +194,8 @@ def main() -> None:
     fp32_peak = matmul_peak(sizes, dtype=torch.float32)
     peak = max(*peaks, fp32_peak)
 
-    results = {}
-    for variant in variants:
-        best = min(variant.times)
-        results[variant.name] = {"step_s": best, "step_s_rounds": variant.times,
-                                 "clips_per_s": SETUP["batch"] / best, "model_flops_per_s": flops_per_step / best,
-                                 "fraction_of_peak": flops_per_step / best / peak, "first_step_s": variant.warmup_s}
-    for reference in ("videomae-fp32", "videomae-bf16"):
-        if reference in results:
-            for result in results.values():
-                result[f"speedup_vs_{reference}"] = results[reference]["step_s"] / result["step_s"]
-    # What each change buys: the step time with the change undone over the step time of ours-bf16.
-    changes = {"bf16 autocast (vs fp32)": "ours-fp32", "visible-only matmul embedding (vs Conv3d on all)":
-               "ours-bf16-conv", "explicit bf16 attention (vs torch's CPU SDPA kernel)": "ours-bf16-sdpa",
-               "fused AdamW (vs per-tensor loop)": "ours-bf16-loopadam"}
-    changes_in = {"torch.compile (pretrain.compile)": "ours-bf16-compile"}  # what adding it buys
-    gains = {change: results[name]["step_s"] / results["ours-bf16"]["step_s"]
-             for change, name in changes.items() if name in results and "ours-bf16" in results}
-    gains |= {change: results["ours-bf16"]["step_s"] / results[name]["step_s"]
-              for change, name in changes_in.items() if name in results and "ours-bf16" in results}
+    results = summarise(variants, flops_per_step, peak)
+    gains = gains_of_changes(results)
     report = {"gain_of_each_change": gains,
               "setup": SETUP | {"masked_tokens": masked, "tokens": tokens}, "model_flops_per_step": flops_per_step,
               "bf16_matmul_peak_flops": max(peaks), "bf16_matmul_peak_per_round": peaks,
@@ -230,6 +213,35 @@ def main() -> None:
                              if k.startswith("speedup"))
         print(f"{name:>18}: {r['step_s'] * 1e3:7.1f} ms/step  {r['clips_per_s']:6.2f} clips/s  "
               f"{r['model_flops_per_s'] / 1e12:5.2f} TFLOP/s = {100 * r['fraction_of_peak']:4.1f}% of peak  {speedups}")
+
+
+def summarise(variants: list[Variant], flops_per_step: float, peak: float) -> dict[str, dict]:
+    """Each variant's best round as step time, clips/s, FLOP/s and fraction of `peak`, plus its speed-ups
+    over the VideoMAE-style references that ran."""
+    results = {}
+    for variant in variants:
+        best = min(variant.times)
+        results[variant.name] = {"step_s": best, "step_s_rounds": variant.times,
+                                 "clips_per_s": SETUP["batch"] / best, "model_flops_per_s": flops_per_step / best,
+                                 "fraction_of_peak": flops_per_step / best / peak, "first_step_s": variant.warmup_s}
+    for reference in ("videomae-fp32", "videomae-bf16"):
+        if reference in results:
+            for result in results.values():
+                result[f"speedup_vs_{reference}"] = results[reference]["step_s"] / result["step_s"]
+    return results
+
+
+def gains_of_changes(results: dict[str, dict]) -> dict[str, float]:
+    """What each change buys: the step time with the change undone over the step time of ours-bf16."""
+    changes = {"bf16 autocast (vs fp32)": "ours-fp32", "visible-only matmul embedding (vs Conv3d on all)":
+               "ours-bf16-conv", "explicit bf16 attention (vs torch's CPU SDPA kernel)": "ours-bf16-sdpa",
+               "fused AdamW (vs per-tensor loop)": "ours-bf16-loopadam"}
+    changes_in = {"torch.compile (pretrain.compile)": "ours-bf16-compile"}  # what adding it buys
+    gains = {change: results[name]["step_s"] / results["ours-bf16"]["step_s"]
+             for change, name in changes.items() if name in results and "ours-bf16" in results}
+    gains |= {change: results["ours-bf16"]["step_s"] / results[name]["step_s"]
+              for change, name in changes_in.items() if name in results and "ours-bf16" in results}
+    return gains
 
 
 if __name__ == "__main__":
