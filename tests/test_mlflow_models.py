@@ -90,6 +90,26 @@ def test_runs_carry_the_video_lists_with_their_digest(trained):
             assert context == ("training" if split == "train" else split)
 
 
+def test_logging_the_lists_raises_no_schema_hints(extracted_workdir, tmp_path):
+    """MLflow hints at integer columns when it infers the list's schema; the lists have no missing labels,
+    so the hint is noise in every stage's log."""
+    import warnings
+
+    from mme.engine.tracking import log_dataset_lists
+    from mme.paths import Paths
+
+    workdir = extracted_workdir
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'hints.db'}")
+    try:
+        experiment = mlflow.create_experiment("hints")
+        with mlflow.start_run(experiment_id=experiment), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            log_dataset_lists(load_config("smoke"), Paths(workdir), ("train", "val"))
+    finally:
+        mlflow.set_tracking_uri(tracking_uri(workdir))
+    assert not [w for w in caught if "schema" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_training_runs_have_system_metrics_and_say_what_ran(trained):
     workdir, results = trained
     for stage in ("pretrain", "finetune"):

@@ -378,11 +378,11 @@ def log_dataset_lists(cfg: Config, paths: Paths, splits: tuple[str, ...]) -> Non
         rows = [line.rsplit(" ", 1) for line in path.read_text().splitlines() if line.strip()]
         frame = pd.DataFrame(rows, columns=["video", "label"]).astype({"label": int})
         digest = hashlib.sha1(path.read_bytes()).hexdigest()[:16]
-        with warnings.catch_warnings():  # schema hints about int columns; the list has no missing labels
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings():  # schema hints about int columns (inferred here and when logged);
+            warnings.simplefilter("ignore", UserWarning)  # the list has no missing labels
             dataset = mlflow.data.from_pandas(frame, source=path.resolve().as_uri(), targets="label",
                                               name=f"{cfg.data.dataset}-{split}", digest=digest)
-        mlflow.log_input(dataset, context="training" if split == "train" else split)
+            mlflow.log_input(dataset, context="training" if split == "train" else split)
 
 
 class EpochRecorder:
