@@ -61,6 +61,7 @@ from mme.ablation.storage import (
     close_dead_trial_runs,
     kill_trial_runs,
     open_storage,
+    serialise_ask,
     storage_lock,
 )
 from mme.ablation.studies import (
@@ -245,8 +246,8 @@ def run_worker(plan: Plan, hooks: Hooks) -> GridState:
     import optuna
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    study = optuna.load_study(study_name=plan.name, storage=open_storage(plan.storage, heartbeat=True,
-                                                                         max_retry=MAX_RETRY), sampler=_sampler())
+    study = serialise_ask(optuna.load_study(study_name=plan.name, storage=open_storage(
+        plan.storage, heartbeat=True, max_retry=MAX_RETRY), sampler=_sampler()), plan.storage)
     runner, parent = load_runner(plan.runner, hooks.default_runner), study.user_attrs.get(ATTR_PARENT_RUN)
     points = plan.points()
     while True:

@@ -41,6 +41,21 @@ def storage_lock(url: str) -> contextlib.AbstractContextManager[None]:
     return lock_beside(path) if path is not None else contextlib.nullcontext()
 
 
+def serialise_ask(study: Any, url: str) -> Any:
+    """Make `study.ask` (and so `study.optimize`, which calls it) pop queued trials one process at a time
+    (`storage_lock`). Why: on SQLite, Optuna's claim of a queued trial reads its state before it takes the
+    write lock (SELECT ... FOR UPDATE is a no-op there), so two workers can pop the same trial; the second
+    to finish it then fails with "Cannot tell a PRUNED trial" and its worker exits. Servers lock the row."""
+    ask = study.ask
+
+    def locked_ask(*args: Any, **kwargs: Any) -> Any:
+        with storage_lock(url):
+            return ask(*args, **kwargs)
+
+    study.ask = locked_ask
+    return study
+
+
 def open_storage(url: str, heartbeat: bool = False, max_retry: int = 1) -> Any:
     """An Optuna storage for `url`: `sqlite:///…`, `postgresql://…`, `mysql://…` (RDB) or a journal file
     (`journal:///path`, or a path ending .journal / .log) for a shared filesystem without a database.
