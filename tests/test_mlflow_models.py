@@ -92,22 +92,27 @@ def test_runs_carry_the_video_lists_with_their_digest(trained):
 
 def test_logging_the_lists_raises_no_schema_hints(extracted_workdir, tmp_path):
     """MLflow hints at integer columns when it infers the list's schema; the lists have no missing labels,
-    so the hint is noise in every stage's log."""
-    import warnings
+    so the hint is noise in every stage's log. In a child process: MLflow's tracking state is global."""
+    import subprocess
+    import sys
+    import textwrap
 
-    from mme.engine.tracking import log_dataset_lists
-    from mme.paths import Paths
-
-    workdir = extracted_workdir
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'hints.db'}")
-    try:
-        experiment = mlflow.create_experiment("hints")
-        with mlflow.start_run(experiment_id=experiment), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            log_dataset_lists(load_config("smoke"), Paths(workdir), ("train", "val"))
-    finally:
-        mlflow.set_tracking_uri(tracking_uri(workdir))
-    assert not [w for w in caught if "schema" in str(w.message)], [str(w.message) for w in caught]
+    script = textwrap.dedent(f"""
+        import warnings, mlflow
+        from mme.config import load_config
+        from mme.engine.tracking import log_dataset_lists
+        from mme.paths import Paths
+        mlflow.set_tracking_uri(r"sqlite:///{tmp_path / 'hints.db'}")
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("hints")):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                log_dataset_lists(load_config("smoke"), Paths(r"{extracted_workdir}"), ("train", "val"))
+        print("HINTS", sum("schema" in str(w.message) for w in caught))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HINTS 0" in out.stdout, out.stdout[-2000:]
 
 
 def test_training_runs_have_system_metrics_and_say_what_ran(trained):
