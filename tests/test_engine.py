@@ -225,3 +225,24 @@ def test_bf16_on_a_device_without_native_bf16_warns_once_and_names_the_fix(monke
         warnings.simplefilter("error")
         assert loops.amp_dtype("bf16", cpu) is torch.bfloat16 and loops.amp_dtype("off", cpu) is None
     loops._warn_emulated_bf16.cache_clear()
+
+
+def test_the_platform_names_the_bf16_kind_from_the_cpu_flags(monkeypatch, tmp_path):
+    """Stored results name their hardware: the bf16 kind is read from the CPU's flags (AMX first)."""
+    import builtins
+
+    from mme.engine import loops
+
+    real_open = builtins.open
+    for flags, kind in (("avx2 amx_bf16 avx512_bf16", "amx"), ("avx2 avx512_bf16", "avx512_bf16"),
+                        ("avx2 fma", "emulated")):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n\nflags\t\t: amx_bf16\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, _i=info, **k: real_open(
+            _i if p == "/proc/cpuinfo" else p, *a, **k))
+        monkeypatch.setattr(loops.torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(loops, "native_bf16", lambda _dev: False)
+        loops.compute_platform.cache_clear()
+        assert loops.compute_platform() == {"device": "cpu", "cpu": "Test CPU", "bf16": kind,
+                                            "torch": loops.torch.__version__}
+    loops.compute_platform.cache_clear()

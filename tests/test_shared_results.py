@@ -82,6 +82,8 @@ def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, co
     stored = sorted((first_root / "reports" / "results").glob("*.json"))
     assert [p.name.split("-")[0] for p in stored] == ["finetune", "pretrain", "probe"]
     assert all(json.loads(p.read_text())["trial_dir"] == "trials/content/ref-s0" for p in stored)
+    from mme.engine.loops import compute_platform
+    assert all(json.loads(p.read_text())["platform"] == compute_platform() for p in stored)
     shutil.copytree(first_root / "reports", second_root / "reports")
     again = chain.run_stage_chain(cfg, _trial_dir(second_root, "content", "ref-s0"), FULL_CHAIN)
     assert again == first and len(counted_parts) == 3

@@ -47,6 +47,25 @@ def native_bf16(device_type: str) -> bool:
 
 
 @functools.cache
+def compute_platform() -> dict[str, str]:
+    """What this process computes on, for results that name their hardware: bf16 kernels differ between AMX,
+    AVX-512-BF16 and GPUs, so a re-run on another kind agrees in distribution, not bit for bit."""
+    if torch.cuda.is_available():
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    flags, model = set(), ""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "flags" and not flags:
+                flags = set(value.split())
+            elif key.strip() == "model name" and not model:
+                model = value.strip()
+    bf16 = "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else (
+        "native" if native_bf16("cpu") else "emulated")
+    return {"device": "cpu", "cpu": model or "unknown", "bf16": bf16, "torch": torch.__version__}
+
+
+@functools.cache
 def _warn_emulated_bf16(device_type: str) -> None:
     # Once per process and device kind: the fix (fp32) changes the results, so it is the user's choice.
     warnings.warn(f"bf16 autocast (pretrain.amp / finetune.amp = bf16) on a {device_type} without native bf16 "

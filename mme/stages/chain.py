@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mme.config import Config, result_tree
+from mme.engine.loops import compute_platform
 from mme.paths import Paths
 from mme.reports import per_clip
 from mme.targets import TargetGeometry, get_target
@@ -90,7 +91,7 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
             found, record = RUN_PART[part](cfg, trial_dir)
             write_json(store / f"{part_key(cfg, part)}.json",
                        {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
-                        "trial_dir": _relative(trial_dir, workdir)})
+                        "trial_dir": _relative(trial_dir, workdir), "platform": compute_platform()})
         metrics |= found
         records += [record] if record else []
     if records:
