@@ -273,3 +273,19 @@ def test_chart_has_one_axis_with_cis_chance_floor_and_paper_deltas(tmp_path):
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any(t.startswith("paper: Δ to its L=6") for t in legend)
     assert plots.bar_chart(rows, "ft_top1", "t", tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_rows_name_their_hardware_and_a_mixed_table_says_so(length_storage):
+    """Trials store the platform they ran on; a table whose rows come from two kinds names which rows came
+    from which, and a table from one kind (or trials that recorded none) adds no such line."""
+    (table,) = tables.load_tables(open_storage(length_storage), resamples=200)
+    assert set(table.rows["platform"].dropna()) == {"not recorded"}
+    assert tables.platform_text(table.rows) == ""
+    study = optuna.load_study(study_name="length-smoke-synthetic", storage=length_storage)
+    study.add_trial(_trial("L=6", 1, **_metrics(66.0), platform="AMD EPYC (avx512_bf16 bf16)"))
+    (table,) = tables.load_tables(open_storage(length_storage), resamples=200)
+    rows = table.rows.set_index("setting")
+    assert rows.loc["L=6", "platform"] == "AMD EPYC (avx512_bf16 bf16) | not recorded"
+    text = tables.platform_text(table.rows)
+    assert "AMD EPYC (avx512_bf16 bf16) | not recorded: L=6" in text and "not recorded: L=4, L=8" in text
+    assert text in tables.to_markdown(table.rows, "ft_top1")

@@ -72,6 +72,7 @@ from mme.ablation.studies import (
     ATTR_PRESET,
     ATTR_STUDY,
     METRICS,
+    PLATFORM_ATTR,
     RECORDS,
     Study,
     get_study,
@@ -332,7 +333,7 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
     for key in METRICS:
         if key in metrics:
             trial.set_user_attr(key, float(metrics[key]))
-    for key in RECORDS:  # JSON records (the per-clip test results), stored as they are
+    for key in (*RECORDS, PLATFORM_ATTR):  # JSON records (the per-clip test results) and text, as they are
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("trial_seconds", round(time.time() - started, 2))
@@ -392,6 +393,8 @@ def _tracked_run(trial: Any, plan: Plan, cfg: Config, point: Point, trial_dir: P
                            "seed": seed, "overrides": "; ".join(plan.study.setting(label).overrides)})
         metrics = runner(cfg, trial_dir, plan.study.stages)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        if PLATFORM_ATTR in metrics:
+            mlflow.set_tag(PLATFORM_ATTR, metrics[PLATFORM_ATTR])
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"

@@ -40,6 +40,10 @@ METRICS = ("ft_top1", "ft_top5", "probe_top1", "attentive_top1", "pretrain_secon
 # Trial user attributes holding JSON records, stored as the runner returns them: the per-clip test record
 # (mme.reports.per_clip: which test clips each metric got right; tables bootstrap over them).
 RECORDS = ("per_clip",)
+# Trial user attribute naming the hardware the trial's parts were computed on (`mme.engine.loops.platform_name`);
+# trials from before 2026-12-02 lack it (NOT_RECORDED: Intel AMX machines, experiments/README.md).
+PLATFORM_ATTR = "platform"
+NOT_RECORDED = "not recorded"
 FULL_CHAIN = ("pretrain", "finetune", "probe")
 FLOOR = "Random init"  # the floor row's label (the tables' statistics look for it by this name)
 FLOOR_OVERRIDES = ("probe.init=random", "finetune.init=scratch")

@@ -65,6 +65,13 @@ def compute_platform() -> dict[str, str]:
     return {"device": "cpu", "cpu": model or "unknown", "bf16": bf16, "torch": torch.__version__}
 
 
+def platform_name(platform: dict[str, str] | None) -> str | None:
+    """A `compute_platform()` record in words ("AMD EPYC (avx512_bf16 bf16)"); None for no record."""
+    if not platform:
+        return None
+    return platform.get("gpu") or f"{platform.get('cpu', 'unknown')} ({platform.get('bf16', '?')} bf16)"
+
+
 @functools.cache
 def _warn_emulated_bf16(device_type: str) -> None:
     # Once per process and device kind: the fix (fp32) changes the results, so it is the user's choice.

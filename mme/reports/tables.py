@@ -27,7 +27,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mme.ablation.studies import ATTR_BUDGET, ATTR_DATASET, ATTR_PRESET, ATTR_STUDY, METRICS, Study, get_study
+from mme.ablation.studies import (
+    ATTR_BUDGET,
+    ATTR_DATASET,
+    ATTR_PRESET,
+    ATTR_STUDY,
+    METRICS,
+    NOT_RECORDED,
+    PLATFORM_ATTR,
+    Study,
+    get_study,
+)
 from mme.reports import per_clip, stats
 from mme.reports.reference import paper_value
 
@@ -35,7 +45,7 @@ COLUMNS = [
     "setting", "n_seeds", "ft_top1_mean", "ft_top1_std", "ft_top5_mean", "ft_top5_std",
     "probe_top1_mean", "probe_top1_std", "pretrain_seconds_mean", "paper_top1", "paper_top5",
     "preset", "dataset", "pretrain_loss_mean", "paper_setting", "optuna_study",
-    "attentive_top1_mean", "attentive_top1_std",
+    "attentive_top1_mean", "attentive_top1_std", "platform",
 ]
 
 # Metrics that get bootstrap statistics when the trials stored per-clip results for them.
@@ -102,8 +112,9 @@ def trial_records(trials: list[Any]) -> pd.DataFrame:
         for key in METRICS:
             value = trial.user_attrs.get(key)
             record[key] = float(value) if isinstance(value, (int, float)) else math.nan
+        record[PLATFORM_ATTR] = trial.user_attrs.get(PLATFORM_ATTR) or NOT_RECORDED
         records.append(record)
-    return pd.DataFrame(records, columns=["number", "setting", "seed", *METRICS])
+    return pd.DataFrame(records, columns=["number", "setting", "seed", *METRICS, PLATFORM_ATTR])
 
 
 def trial_per_clip(trials: list[Any]) -> dict[str, dict[int, per_clip.PerClip]]:
@@ -132,7 +143,8 @@ def summarize(records: pd.DataFrame, study: Study, preset: str, dataset: str, op
         row["paper_top1"] = paper_value(study.paper_study, paper_label, "top1")
         row["paper_top5"] = paper_value(study.paper_study, paper_label, "top5")
         row.update(preset=preset, dataset=dataset, pretrain_loss_mean=_mean(group["pretrain_loss"]),
-                   paper_setting=paper_label, optuna_study=optuna_study)
+                   paper_setting=paper_label, optuna_study=optuna_study,
+                   platform=" | ".join(sorted(set(group.get(PLATFORM_ATTR, ())))) or None)
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -296,10 +308,27 @@ def to_markdown(rows: pd.DataFrame, objective: str) -> str:
     lines.append(f"Measured on preset `{first['preset']}`, dataset `{first['dataset']}` (Optuna study "
                  f"`{first['optuna_study']}`); objective `{objective}`. Paper: SSv2, ViT-B. \"–\" = not measured "
                  "or not in the paper; ± is the sample std over seeds.")
+    lines += [platform_text(rows)] if platform_text(rows) else []
     if with_stats:
         lines.append(f"CIs: bootstrap over test clips and seeds; Δ: paired difference to `{first['reference'] or '–'}` "
                      "(same clips, same seeds), in points; a verdict is ahead/behind only when its CI excludes 0.")
     return "\n".join(lines) + "\n"
+
+
+def platform_text(rows: pd.DataFrame) -> str:
+    """Which rows were computed on which hardware, when it is more than one kind: mixed rows agree in
+    distribution, not bit for bit, and their `pretrain s` times do not compare."""
+    measured = rows[rows["n_seeds"] > 0] if "platform" in rows else rows.iloc[0:0]
+    by_kind: dict[str, list[str]] = {}
+    for _, row in measured.iterrows():
+        by_kind.setdefault(str(row["platform"]), []).append(str(row["setting"]))
+    if len(by_kind) < 2:
+        return ""
+    kinds = "; ".join(f"{kind}: {', '.join(labels)}" for kind, labels in by_kind.items())
+    return (f"Hardware of the rows: {kinds} (\"{NOT_RECORDED}\": before results named it, the 2-core Intel AMX "
+            "machines of the earlier studies). "
+            "bf16 rounds differently on each, so rows agree in distribution, not bit for bit, and `pretrain s` "
+            "times do not compare across them.")
 
 
 def _range(low: float, high: float) -> str:

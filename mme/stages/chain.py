@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mme.ablation.studies import NOT_RECORDED, PLATFORM_ATTR
 from mme.config import Config, result_tree
-from mme.engine.loops import compute_platform
+from mme.engine.loops import compute_platform, platform_name
 from mme.paths import Paths
 from mme.reports import per_clip
 from mme.targets import TargetGeometry, get_target
@@ -82,20 +83,22 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
     if not is_floor(cfg) and not all(found is not None for found in saved.values()):
         saved = {}  # a trained part needs this trial's own pre-training: run every part
     metrics: dict[str, Any] = {}
-    records = []
+    records, platforms = [], []
     for part in parts:
         if saved.get(part) is not None:
-            found, record = saved[part]
+            found, record, platform = saved[part]
             print(f"ablate: {part} reused from {store / part_key(cfg, part)}.json", flush=True)
         else:
-            found, record = RUN_PART[part](cfg, trial_dir)
+            (found, record), platform = RUN_PART[part](cfg, trial_dir), compute_platform()
             write_json(store / f"{part_key(cfg, part)}.json",
                        {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
-                        "trial_dir": _relative(trial_dir, workdir), "platform": compute_platform()})
+                        "trial_dir": _relative(trial_dir, workdir), "platform": platform})
         metrics |= found
         records += [record] if record else []
+        platforms.append(platform_name(platform) or NOT_RECORDED)
     if records:
         metrics[per_clip.PER_CLIP_ATTR] = per_clip.encode(merge_records(records))
+    metrics[PLATFORM_ATTR] = " + ".join(dict.fromkeys(platforms))
     return metrics
 
 
@@ -116,11 +119,13 @@ def _relative(path: Path, root: Path) -> str:
     return str(resolved.relative_to(base)) if resolved.is_relative_to(base) else str(path)
 
 
-def _load_part(path: Path) -> tuple[dict[str, float], per_clip.PerClip | None] | None:
+def _load_part(path: Path) -> tuple[dict[str, float], per_clip.PerClip | None, dict | None] | None:
+    """A stored part's metrics, per-clip record and platform (None in files from before 2026-12-02)."""
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    return saved["metrics"], per_clip.decode(saved["per_clip"]) if saved["per_clip"] else None
+    record = per_clip.decode(saved["per_clip"]) if saved["per_clip"] else None
+    return saved["metrics"], record, saved.get("platform")
 
 
 def _pretrain(cfg: Config, trial_dir: Path) -> tuple[dict[str, float], None]:
