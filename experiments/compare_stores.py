@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mme.ablation.studies import NOT_RECORDED
+from mme.engine import loops
 from mme.reports import per_clip, stats
 
 
@@ -30,10 +32,7 @@ def load(path: Path) -> dict:
 
 
 def platform_name(data: dict) -> str:
-    found = data.get("platform")
-    if not found:
-        return "not recorded"
-    return found.get("gpu") or f"{found.get('cpu')} ({found.get('bf16')} bf16)"
+    return loops.platform_name(data.get("platform")) or NOT_RECORDED
 
 
 def compare_records(a: per_clip.PerClip, b: per_clip.PerClip) -> list[dict]:
