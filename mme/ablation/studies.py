@@ -160,29 +160,43 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
         _same("HOG+MBH interp", "target.kind=hog+mbh", "target.interpolate=true"),
         _same("Traj no-interp", "target.kind=traj", "target.interpolate=false"),
         _same("Traj interp", "target.kind=traj", "target.interpolate=true"),
-    ), reference="Traj interp"),
+    ), reference="Traj interp",
+        claims=(Claim("Traj interp", AHEAD_OF, "Traj no-interp", "64.1 vs 62.2: trajectories gain from interpolation"),
+                Claim("HOG interp", COMPETITIVE, "HOG no-interp", "60.9 vs 61.1: HOG does not"),
+                Claim("HOG+MBH interp", COMPETITIVE, "HOG+MBH no-interp", "61.4 vs 61.3: nor does HOG+MBH"))),
     Study("length", "7a", "table7a_length", "Trajectory length L", "length", tuple(
-        _same(f"L={n}", f"target.length={n}") for n in (4, 6, 8)), base=_TRAJ, reference="L=6"),
+        _same(f"L={n}", f"target.length={n}") for n in (4, 6, 8)), base=_TRAJ, reference="L=6",
+        claims=(Claim("L=6", AHEAD_OF, "L=4", "64.1 vs 63.2: longer trajectories help"),
+                Claim("L=6", AHEAD_OF, "L=8", "64.1 vs 63.3: up to a point"))),
     Study("norm", "7b", "table7b_norm", "Trajectory patch normalisation", "norm", (
         _same("w/o patch norm", "target.patch_norm=false"),
         _same("w/ patch norm", "target.patch_norm=true"),
-    ), base=_TRAJ, reference="w/ patch norm"),
+    ), base=_TRAJ, reference="w/ patch norm",
+        claims=(Claim("w/ patch norm", AHEAD_OF, "w/o patch norm", "64.1 vs 62.1: normalising per patch helps"),)),
     Study("density", "7c", "table7c_density", "Trajectory density", "density", (
         _same("Dense", "target.density=dense"),
         _same("Sparse (Max)", "target.density=max"),
         _same("Sparse (Mean)", "target.density=mean"),
-    ), base=_TRAJ, reference="Dense"),
+    ), base=_TRAJ, reference="Dense",
+        claims=(Claim("Dense", AHEAD_OF, "Sparse (Max)", "64.1 vs 60.2: every trajectory of a patch helps"),
+                Claim("Dense", AHEAD_OF, "Sparse (Mean)", "64.1 vs 61.8: more than their mean"))),
     Study("stride", "7d", "table7d_stride", "Sampling stride s", "stride", tuple(
-        _same(f"s={s}", f"data.stride={s}") for s in (4, 3, 2, 1)), base=_TRAJ, reference="s=3"),
+        _same(f"s={s}", f"data.stride={s}") for s in (4, 3, 2, 1)), base=_TRAJ, reference="s=3",
+        claims=(Claim("s=3", AHEAD_OF, "s=4", "64.1 vs 62.9"), Claim("s=3", AHEAD_OF, "s=1", "64.1 vs 62.7"))),
     Study("masking", "7e", "table7e_masking", "Spatial masking", "masking", (
         _same("90% tube", "mask.kind=tube", "mask.ratio=0.9"),
         _same("70% tube", "mask.kind=tube", "mask.ratio=0.7"),
         _same("40% tube", "mask.kind=tube", "mask.ratio=0.4"),
         _same("40% cube", "mask.kind=cube", "mask.ratio=0.4"),
-    ), base=_TRAJ, reference="70% tube"),
+    ), base=_TRAJ, reference="70% tube",
+        claims=(Claim("70% tube", AHEAD_OF, "90% tube", "64.1 vs 62.7: a lower ratio than VideoMAE's 90 %"),
+                Claim("70% tube", AHEAD_OF, "40% tube", "64.1 vs 61.3: but not too low"),
+                Claim("40% tube", COMPETITIVE, "40% cube", "61.3 vs 61.2: tube and cube masks alike"))),
     Study("decoder", "7f", "table7f_decoder", "Decoder", "decoder", tuple(
         _same(f"{mode.capitalize()} depth {depth}", f"model.decoder_mode={mode}", f"model.decoder_depth={depth}")
-        for mode in ("joint", "separate") for depth in (1, 2)), base=_TRAJ, reference="Joint depth 1"),
+        for mode in ("joint", "separate") for depth in (1, 2)), base=_TRAJ, reference="Joint depth 1",
+        claims=(Claim("Joint depth 1", AHEAD_OF, "Separate depth 1", "64.1 vs 63.4: one decoder for both parts"),
+                Claim("Joint depth 1", AHEAD_OF, "Joint depth 2", "64.1 vs 63.4: a light one"))),
     Study("shuffle", "fig3", "fig3_shuffle", "Pre-training on frame-shuffled video", "shuffle", tuple(
         _same(f"{method} {video} video", f"target.kind={kind}", f"data.shuffle_frames={shuffled}")
         for method, kind in (("VideoMAE", "pixel"), ("MME", "traj"))
