@@ -82,3 +82,20 @@ def test_every_row_is_read_against_the_floor():
     assert line.startswith("fine-tune: A +") and "above" in line.split(";")[0]
     assert line.split(";")[1].strip().startswith("B ") and "not separated" in line.split(";")[1]
     assert claims.floor_lines(study, _records(0.7, 0.2, floor=False), ("ft_top1",), resamples=200) == []  # no floor
+
+
+def test_every_claim_quotes_the_papers_own_numbers_for_its_two_rows():
+    import re
+
+    from mme.reports.reference import paper_value
+
+    quoted = 0
+    for study in STUDIES.values():
+        for claim in study.claims:
+            numbers = re.match(r"(\d+\.\d) vs (\d+\.\d)", claim.why)
+            assert numbers, f"{study.name}: claim {claim} should start 'A vs B' with the paper's numbers"
+            for label, text in zip((claim.a, claim.b), numbers.groups(), strict=True):
+                value = paper_value(study.paper_study, study.setting(label).paper, "top1")
+                assert value == float(text), f"{study.name}: {label} is {value} in the paper, the claim says {text}"
+                quoted += 1
+    assert quoted >= 2 * 20
