@@ -207,7 +207,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (`data.stride` -> 3), as MLflow params and `--set` use."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     def digest(self) -> str:
         """Short stable hash of the resolved config (pipeline tags, cache keys)."""
@@ -287,10 +287,11 @@ def allowed_values(key: str) -> tuple[Any, ...]:
     return CHOICES[key]
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested tree as dotted keys (`{"data": {"stride": 3}}` -> `{"data.stride": 3}`)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        flat |= flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
     return flat
 
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mme.engine.checkpointing import FINAL
@@ -31,7 +32,7 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
     out = tmp_path / "curve.csv"
     cli.main(["--data", str(extracted_workdir), "--kinds", "traj", "--epochs", str(EPOCHS), "--snapshots", "1",
               "--preset", "smoke", "--root", str(tmp_path / "runs"), "--out", str(out)])
-    workdir = tmp_path / "runs" / "traj-s0"
+    (workdir,) = (tmp_path / "runs").glob("traj-s0-*")  # one directory per encoder config
     paths = Paths(workdir)
     first, last = (torch.load(snapshot_path(paths, "pretrain", e), weights_only=False) for e in (1, EPOCHS))
     final = torch.load(paths.models_dir("pretrain") / FINAL, weights_only=False)
@@ -50,7 +51,7 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
 
     kept = tmp_path / "curve" / "traj-s0.json"  # beside the CSV, for committing with it
     store = json.loads(kept.read_text())
-    assert set(store) == {"pretrain", "0", "1", str(EPOCHS)}
+    assert set(store) == {"encoder", "pretrain", "0", "1", str(EPOCHS)}
 
     def no_probe(*_a, **_k):
         raise AssertionError("a probed point was probed again")
@@ -67,7 +68,7 @@ def test_snapshots_and_curve_rows(tmp_path, extracted_workdir, monkeypatch):
         patch.setattr(pretrain, "run", no_probe)
         elsewhere = curves.curve("smoke", [], "traj", 0, EPOCHS, [1], tmp_path / "clone", extracted_workdir,
                                  store=kept)
-    assert elsewhere == store and not (tmp_path / "clone" / "traj-s0" / "models").exists()
+    assert elsewhere == store and not list((tmp_path / "clone").glob("traj-s0-*/models"))
 
     # Another probe recipe re-fits the heads of every point on the features each point cached.
     from mme.stages import probe
@@ -90,7 +91,8 @@ def test_finetune_points_start_from_their_snapshot_and_pair_with_scratch(tmp_pat
     monkeypatch.setattr(finetune, "run",
                         lambda cfg, workdir, **kw: inits.append(str(kw["init"])) or real(cfg, workdir, **kw))
     cli.main(argv)
-    snapshots = Paths(root / "traj-s0")
+    (workdir,) = root.glob("traj-s0-*")
+    snapshots = Paths(workdir)
     assert inits == ["none", *(str(snapshot_path(snapshots, "pretrain", e)) for e in (1, EPOCHS))]
     rows = list(csv.DictReader(out.open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, EPOCHS]
@@ -99,7 +101,6 @@ def test_finetune_points_start_from_their_snapshot_and_pair_with_scratch(tmp_pat
         assert float(row["ft_top1_low"]) <= float(row["ft_top1"]) <= float(row["ft_top1_high"])
         gap = float(row["ft_top1"]) - float(rows[0]["ft_top1"])
         assert abs(float(row["ft_top1_vs_random"]) - gap) < 1e-6  # paired on the same clips
-    workdir = root / "traj-s0"
     scratch = Paths(workdir / "points" / "e0").models_dir("finetune_scratch") / FINAL
     tuned = Paths(workdir / "points" / "e1").models_dir("finetune") / FINAL
     assert scratch.is_file() and tuned.is_file()
@@ -110,3 +111,32 @@ def test_finetune_points_start_from_their_snapshot_and_pair_with_scratch(tmp_pat
     again = curves.curve("smoke", ["finetune.epochs=1"], "traj", 0, EPOCHS, [1], root, extracted_workdir, finetune=True,
                          store=cli.points_file(out, "traj", 0))
     assert set(again["finetune"]) == {"0", "1", str(EPOCHS)}
+
+
+def test_a_curve_of_another_config_neither_reuses_nor_overwrites_one_kept(tmp_path, extracted_workdir):
+    """Other pre-training keys are another curve: they must not be answered by the kept points of the first
+    (the old store was keyed by kind and seed only, so `--set pretrain.base_lr=...` returned the old curve),
+    nor share its checkpoint, nor drop the rows of the curves kept beside it from the CSV."""
+    cli = load_cli()
+    out, root = tmp_path / "curve.csv", tmp_path / "runs"
+    argv = ["--data", str(extracted_workdir), "--epochs", "1", "--snapshots", "--preset", "smoke", "--root",
+            str(root), "--out", str(out)]
+    cli.main([*argv, "--kinds", "traj", "pixel"])
+    kept = cli.points_file(out, "traj", 0)
+    before = kept.read_text()
+    with pytest.raises(ValueError, match=r"pretrain\.base_lr \(0\.00\d+ there, 0\.5 here\)"):
+        cli.main([*argv, "--kinds", "traj", "--set", "pretrain.base_lr=0.5"])
+    # beside a kept pixel curve of the default config, another config's traj is refused too
+    kept.unlink()
+    with pytest.raises(ValueError, match=r"pixel-s0\.json holds a curve of another config: pretrain\.base_lr"):
+        cli.main([*argv, "--kinds", "traj", "--set", "pretrain.base_lr=0.5"])
+    kept.write_text(before)
+    assert sorted(p.name.rpartition("-")[0] for p in root.iterdir()) == ["pixel-s0", "traj-s0"]
+
+    # the same config into another CSV trains in its own directory; rows of a curve of one kind keep the other
+    other = tmp_path / "fast.csv"
+    cli.main([*argv[:-1], str(other), "--kinds", "traj", "--set", "pretrain.base_lr=0.5"])
+    assert len(list(root.glob("traj-s0-*"))) == 2
+    cli.main([*argv, "--kinds", "pixel"])  # all kept: trains nothing, rewrites the CSV from both curves
+    assert {r["kind"] for r in csv.DictReader(out.open())} == {"traj", "pixel"}
+    assert kept.read_text() == before

@@ -13,6 +13,12 @@ probed encoder in its own `points/e<epoch>/` with its token features cached, so 
 resumes: a finished pre-training is reused, a probed point is read back from `curve.json` unless the probe
 recipe changed (`probe.RECIPE`, cfg.probe), and then only its heads are fitted again.
 
+A curve is one encoder config: the store records the resolved config that pre-training reads (`encoder`,
+every section but finetune/probe/evaluate), and the run directory's name carries its digest. So a curve
+asked for with other pre-training keys (`--set pretrain.base_lr=...`, `pretrain.amp=off`) never reuses
+another config's checkpoint or points: it trains in its own directory, and a store that holds another
+config's points is refused, naming the keys that differ, instead of being answered or overwritten.
+
 With `finetune`, each point is also fine-tuned (the `finetune` stage from that snapshot, the untrained
 point from scratch, with the cfg's `finetune.*` schedule, e.g. the ablation trial's) and tested by the
 `evaluate` stage; `ft_top1` then sits beside the probes, paired to the from-scratch floor.
@@ -20,12 +26,13 @@ point from scratch, with the cfg's `finetune.*` schedule, e.g. the ablation tria
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mme.config import load_config, result_tree
+from mme.config import flatten, load_config, result_tree
 from mme.engine.checkpointing import FINAL, LAST
 from mme.engine.fit import snapshot_path
 from mme.paths import Paths
@@ -35,6 +42,48 @@ from mme.utils import write_json
 METRICS = ("probe_top1", "attentive_top1")
 FINETUNE_METRIC = "ft_top1"
 RANDOM_EPOCH = 0  # the untrained encoder's row
+DOWNSTREAM = ("finetune", "probe", "evaluate")  # sections with their own per-point recipes
+
+
+def encoder_config(cfg: Any) -> dict[str, Any]:
+    """What a curve's pre-training (and so every point of it) depends on: the resolved config without the
+    speed-only keys and the downstream sections, whose recipes each point records."""
+    tree = result_tree(cfg)
+    for section in DOWNSTREAM:
+        tree.pop(section)
+    return tree
+
+
+def curve_workdir(root: Path, cfg: Any) -> Path:
+    """`<root>/<kind>-s<seed>-<digest of encoder_config>`: one directory per encoder config."""
+    text = json.dumps(encoder_config(cfg), sort_keys=True, default=str)
+    return root / f"{cfg.target.kind}-s{cfg.seed}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def check_store(store: Path, encoder: dict[str, Any]) -> dict[str, Any]:
+    """The points kept in `store` (none yet: only the config), refused when they or a curve kept beside it
+    (one CSV's curves differ only in kind and seed) were measured with another encoder config."""
+    done = json.loads(store.read_text()) if store.exists() else {"encoder": encoder}
+    if "encoder" not in done:
+        raise ValueError(f"{store} does not record the config it was measured with; move it aside or pass "
+                         "another --out")
+    _refuse_other_config(store, done["encoder"], encoder, ())
+    for sibling in sorted(store.parent.glob("*-s*.json")) if store.parent.is_dir() else ():
+        if sibling != store:
+            _refuse_other_config(sibling, json.loads(sibling.read_text()).get("encoder", {}), encoder,
+                                 ("target.kind", "seed"))
+    return done
+
+
+def _refuse_other_config(store: Path, theirs: dict[str, Any], mine: dict[str, Any], free: Sequence[str]) -> None:
+    theirs, mine = flatten(theirs), flatten(mine)
+    differ = sorted(k for k in (mine.keys() | theirs.keys()) - set(free)
+                    if mine.get(k, "<absent>") != theirs.get(k, "<absent>"))
+    if differ:
+        shown = ", ".join(f"{k} ({theirs.get(k, '<absent>')!r} there, {mine.get(k, '<absent>')!r} here)"
+                          for k in differ[:6])
+        more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+        raise ValueError(f"{store} holds a curve of another config: {shown}{more}; pass another --out")
 
 
 def run_dir(workdir: Path, data_dir: Path) -> Path:
@@ -94,9 +143,9 @@ def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: i
     from mme.stages import pretrain
 
     cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
-    workdir = run_dir(root / f"{kind}-s{seed}", data_dir)
-    store = store or workdir / "curve.json"
-    done = json.loads(store.read_text()) if store.exists() else {}
+    store = store or curve_workdir(root, cfg) / "curve.json"
+    done = check_store(store, json.loads(json.dumps(encoder_config(cfg), default=str)))  # as JSON holds it
+    workdir = run_dir(curve_workdir(root, cfg), data_dir)  # only once the store is known to be this curve's
     points = [RANDOM_EPOCH, *sorted({*snapshots, epochs})]
     probes = [e for e in points if done.get(str(e), {}).get("recipe") != recipe(cfg)]
     tunes = [e for e in points if finetune and done.get("finetune", {}).get(str(e), {}).get("recipe")
