@@ -93,12 +93,12 @@ def test_model_dimensions_default_to_the_named_size_and_explicit_values_win():
 
 
 def test_result_tree_drops_exactly_the_speed_only_keys():
-    from mme.config import _flatten
+    from mme.config import flatten
 
     cfg = load_config("mini", ["pretrain.compile=true", "data.num_workers=5"])
-    full, kept = cfg.flat(), _flatten(result_tree(cfg))
+    full, kept = cfg.flat(), flatten(result_tree(cfg))
     assert set(full) - set(kept) == SPEED_ONLY
     assert all(kept[k] == full[k] for k in kept)
-    partial = _flatten(result_tree(cfg, keep=frozenset({"data.num_workers"})))
+    partial = flatten(result_tree(cfg, keep=frozenset({"data.num_workers"})))
     assert partial["data.num_workers"] == 5 and "pretrain.compile" not in partial
     assert cfg.flat() == full  # the config itself is untouched
