@@ -8,7 +8,7 @@ encoder of the same seed (same clips) with its CI (mme.reports.stats).
 
 A snapshot inside a longer cosine schedule is not the end of a shorter schedule (its learning rate has not
 decayed), so a curve point is a lower bound on what a schedule of that length reaches; the end of the
-curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>/` (data symlinked from `data_dir`), each
+curve is a complete schedule. Runs live in `<root>/<kind>-s<seed>-<digest>/` (data symlinked from `data_dir`), each
 probed encoder in its own `points/e<epoch>/` with its token features cached, so an interrupted curve
 resumes: a finished pre-training is reused, a probed point is read back from `curve.json` unless the probe
 recipe changed (`probe.RECIPE`, cfg.probe), and then only its heads are fitted again.
