@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mme.ablation.studies import TRIAL_BUDGET
 from mme.config import PRESETS
-from mme.stages.curves import curve, curve_rows
+from mme.stages.curves import RANDOM_EPOCH, curve, curve_rows
 from mme.utils import write_text_atomic
 
 
@@ -62,8 +62,10 @@ def kept_rows(out: Path) -> list[dict]:
     rows, kept = [], set()
     for path in sorted(out.parent.joinpath(out.stem).glob("*-s*.json")):
         kind, _, seed = path.stem.rpartition("-s")
-        rows += curve_rows(kind, int(seed), json.loads(path.read_text()))
-        kept.add((kind, seed))
+        done = json.loads(path.read_text())
+        if str(RANDOM_EPOCH) in done:  # an interrupted curve may not have probed its floor yet: no rows
+            rows += curve_rows(kind, int(seed), done)
+            kept.add((kind, seed))
     earlier = list(csv.DictReader(out.open())) if out.is_file() else []
     return [row for row in earlier if (row["kind"], row["seed"]) not in kept] + rows
 

@@ -137,6 +137,8 @@ def test_a_curve_of_another_config_neither_reuses_nor_overwrites_one_kept(tmp_pa
     other = tmp_path / "fast.csv"
     cli.main([*argv[:-1], str(other), "--kinds", "traj", "--set", "pretrain.base_lr=0.5"])
     assert len(list(root.glob("traj-s0-*"))) == 2
+    interrupted = cli.points_file(out, "shuffled", 0)  # a curve stopped before its floor was probed
+    interrupted.write_text(json.dumps({"encoder": json.loads(kept.read_text())["encoder"], "pretrain": {}}))
     cli.main([*argv, "--kinds", "pixel"])  # all kept: trains nothing, rewrites the CSV from both curves
     assert {r["kind"] for r in csv.DictReader(out.open())} == {"traj", "pixel"}
     assert kept.read_text() == before
