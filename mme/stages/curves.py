@@ -143,9 +143,10 @@ def curve(preset: str, overrides: Sequence[str], kind: str, seed: int, epochs: i
     from mme.stages import pretrain
 
     cfg = load_config(preset, [*overrides, f"target.kind={kind}", f"seed={seed}", f"pretrain.epochs={epochs}"])
-    store = store or curve_workdir(root, cfg) / "curve.json"
+    workdir = curve_workdir(root, cfg)
+    store = store or workdir / "curve.json"
     done = check_store(store, json.loads(json.dumps(encoder_config(cfg), default=str)))  # as JSON holds it
-    workdir = run_dir(curve_workdir(root, cfg), data_dir)  # only once the store is known to be this curve's
+    run_dir(workdir, data_dir)  # only once the store is known to be this curve's
     points = [RANDOM_EPOCH, *sorted({*snapshots, epochs})]
     probes = [e for e in points if done.get(str(e), {}).get("recipe") != recipe(cfg)]
     tunes = [e for e in points if finetune and done.get("finetune", {}).get(str(e), {}).get("recipe")
