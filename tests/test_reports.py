@@ -159,6 +159,16 @@ def test_report_stage_writes_tables_figures_readme(tmp_path, length_storage, smo
     assert not any("per_clip" in column for column in trials.columns)
 
 
+def test_committed_report_files_name_a_store_in_the_workdir_relative_to_it(tmp_path, length_storage, smoke_cfg):
+    """reports/ is committed: the default SQLite store's absolute path is this machine's, not the reader's."""
+    workdir = tmp_path  # length_storage lives at tmp_path/optuna.db, the workdir's default store
+    report.run(smoke_cfg, workdir, storage=length_storage)
+    readme = (workdir / "reports/README.md").read_text()
+    assert "`sqlite:///<workdir>/optuna.db`" in readme and str(tmp_path) not in readme
+    elsewhere = f"postgresql://mme:secret@db.example:5432/{tmp_path.name}"
+    assert report.shown_storage(elsewhere, workdir) == f"postgresql://mme:***@db.example:5432/{tmp_path.name}"
+
+
 def test_report_without_trials_writes_no_table(tmp_path, smoke_cfg, capsys):
     result = report.run(smoke_cfg, tmp_path)
     assert result["tables"] == [] and "no finished ablation trial" in result["message"]
