@@ -35,18 +35,19 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
     paths = Paths(workdir)
     url = storage or os.environ.get(STORAGE_ENV) or paths.optuna_uri
     found = tables.load_tables(open_storage(url)) if storage_exists(url) else []
+    shown = shown_storage(url, paths.workdir)
     summary: dict[str, Any] = {
-        "storage": shown_storage(url, paths.workdir), "preset": cfg.preset, "dataset": cfg.data.dataset,
+        "storage": shown, "preset": cfg.preset, "dataset": cfg.data.dataset,
         "tables": [], "trials": {}, "trials_total": 0, "pipeline": pipeline_metrics(paths),
     }
     if not found:
         summary["message"] = (
-            f"no finished ablation trial in {shown_storage(url, paths.workdir)}: no table written. Run e.g. "
+            f"no finished ablation trial in {shown}: no table written. Run e.g. "
             f"`python experiments/ablate.py --study length --workdir {paths.workdir}` first.")
         print(f"mme report: {summary['message']}", file=sys.stderr)
         # The README still tells the pipeline's floors, and says that no table stands behind it.
         note = f"## Ablation tables\n\nNone: {summary['message']}\n"
-        write_text_atomic(paths.reports / "README.md", _readme(shown_storage(url, paths.workdir), [_baselines_section(paths), note]))
+        write_text_atomic(paths.reports / "README.md", _readme(shown, [_baselines_section(paths), note]))
         write_metrics(paths.metrics_dir / "report.json", summary)
         return summary
     sections = []
@@ -65,7 +66,7 @@ def run(cfg: Config, workdir: str | Path, storage: str | None = None) -> dict[st
     with atomic_path(paths.tables_dir / TRIALS_CSV) as tmp:
         trials_frame(open_storage(url)).to_csv(tmp, index=False, float_format="%.4f")
     summary["trials_csv"] = f"tables/{TRIALS_CSV}"
-    write_text_atomic(paths.reports / "README.md", _readme(shown_storage(url, paths.workdir), [_baselines_section(paths), *sections]))
+    write_text_atomic(paths.reports / "README.md", _readme(shown, [_baselines_section(paths), *sections]))
     write_metrics(paths.metrics_dir / "report.json", summary)
     return summary
 
