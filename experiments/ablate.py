@@ -18,11 +18,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from mme.ablation import STUDIES, Hooks, load_runner, make_plan, open_storage, run_study, run_worker, study_names
+from mme.ablation import (
+    STUDIES,
+    Hooks,
+    Plan,
+    load_runner,
+    make_plan,
+    open_storage,
+    run_study,
+    run_worker,
+    stored_only,
+    study_names,
+)
 from mme.config import PRESETS, Config, ConfigError
-from mme.stages.chain import prepare_data, run_stage_chain
+from mme.stages.chain import is_stored, prepare_data, run_stage_chain
 
-__all__ = ["main", "make_plan", "open_storage", "parse_args"]
+__all__ = ["main", "make_plan", "open_storage", "parse_args", "stored_only"]
 
 
 def report(cfg: Config, workdir: Path, storage: str) -> None:
@@ -52,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runner", default=None, metavar="MODULE:FUNCTION",
                         help="testing/extension hook: call FUNCTION(cfg, trial_workdir, stages) -> metrics dict "
                         "instead of pretrain -> finetune -> probe (no data preparation then)")
+    parser.add_argument("--stored-only", action="store_true",
+                        help="train nothing: record only the grid points whose results are stored (reports/results/, "
+                        "committed), then rebuild the tables; the points left out are named")
     parser.add_argument("--requeue-running", action="store_true",
                         help="mark RUNNING trials failed and retry them (after a killed worker; journal storage)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -61,10 +75,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def narrowed(plans: list[Plan], quiet: bool) -> list[Plan]:
+    """--stored-only: each study's plan limited to its stored points (a study with none is left out)."""
+    kept = []
+    for plan in plans:
+        plan, missing = stored_only(plan, is_stored)
+        if not quiet:
+            left = ", ".join(f"{label} seed {seed}" for label, seed in missing) or "none"
+            print(f"ablate: --stored-only: {plan.study.name}: {len(plan.points())} stored point(s) recorded; "
+                  f"not stored, so left out: {left}", flush=True)
+        kept += [plan] if plan.points() else []
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         plans = [make_plan(name, args) for name in study_names(args.study)]
+        plans = narrowed(plans, quiet=args.worker) if args.stored_only else plans
         load_runner(args.runner, run_stage_chain)
     except KeyError as exc:
         print(f"ablate.py: {exc.args[0]}", file=sys.stderr)
@@ -76,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker:
             run_worker(plans[0], HOOKS)  # a worker has nothing to report: the launcher reads the grid
             return 0
-        return max(run_study(plan, args, HOOKS) for plan in plans)
+        return max((run_study(plan, args, HOOKS) for plan in plans), default=0)
     except KeyboardInterrupt:
         print("ablate.py: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -161,6 +161,32 @@ def test_settings_adds_the_reference_and_floor_and_rejects_unknown_labels(tmp_pa
     assert ablate.main([*argv, "--settings", "Hog"]) == 2
 
 
+def test_stored_only_records_the_stored_points_and_trains_nothing(tmp_path, counted_parts, monkeypatch):
+    """A fresh clone rebuilds its tables from the committed results: `--stored-only` records exactly the
+    stored grid points (here Traj and the floor at seed 0, Traj at seed 1), trains and downloads nothing,
+    and names the points it leaves out."""
+    from mme.stages import download
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(download, "run", lambda cfg, workdir: pytest.fail("--stored-only prepared data"))
+    ablate, workdir = _load_ablate(), tmp_path / "work"
+    argv = ["--study", "content", "--preset", "smoke", "--workdir", str(workdir), "--seeds", "2"]
+    plan = ablate.make_plan("content", ablate.parse_args(argv))
+    for label, seed in (("Traj", 0), (FLOOR, 0), ("Traj", 1)):
+        chain.run_stage_chain(plan.trial_config(label, seed), _trial_dir(workdir, "first", f"{label}-{seed}"),
+                              plan.study.stages)
+    ran = len(counted_parts)
+    assert ablate.main([*argv, "--stored-only"]) == 0
+    assert len(counted_parts) == ran  # every recorded part came from the store
+    trials = optuna.load_study(study_name=plan.name, storage=plan.storage).get_trials(deepcopy=False)
+    done = sorted((t.params["setting"], t.params["seed"]) for t in trials if t.state == TrialState.COMPLETE)
+    assert done == sorted([("Traj", 0), (FLOOR, 0), ("Traj", 1)])
+    assert not (workdir / "data" / "lists").exists()
+    narrowed, missing = ablate.stored_only(plan, chain.is_stored)
+    assert ("Pixel", 0) in missing and (FLOOR, 1) in missing and len(narrowed.points()) == 3
+    assert ablate.main(["--study", "length", "--preset", "smoke", "--workdir", str(workdir), "--stored-only"]) == 0
+
+
 @pytest.mark.slow
 def test_settings_runs_part_of_the_grid_and_a_later_run_does_the_rest(tmp_path, fake_runner):  # noqa: F811
     workdir = tmp_path / "work"

@@ -1,10 +1,11 @@
 """Ablation studies: their definitions (`studies`), where trials are stored (`storage`), the grid
-bookkeeping the workers share (`grid`) and the Optuna runner (`runner`). Nothing here imports a stage:
-the command line (experiments/ablate.py) hands the runner what a trial runs.
+bookkeeping the workers share (`grid`), what one run works on (`plan`) and the Optuna runner (`runner`).
+Nothing here imports a stage: the command line (experiments/ablate.py) hands the runner what a trial runs.
 """
 
 from mme.ablation.grid import MAX_RETRY, GridState, Point, blocking_reason, point_of, requeue
-from mme.ablation.runner import Hooks, Plan, Runner, load_runner, make_plan, run_study, run_worker
+from mme.ablation.plan import Plan, make_plan, stored_only
+from mme.ablation.runner import Hooks, Runner, load_runner, run_study, run_worker
 from mme.ablation.storage import open_storage, storage_exists
 from mme.ablation.studies import (
     ALL,
@@ -22,4 +23,4 @@ from mme.ablation.studies import (
 __all__ = ["ALL", "MAX_RETRY", "METRICS", "STUDIES", "TRIAL_BUDGET", "GridState", "Hooks", "Plan", "Point",
            "Runner", "Setting", "Study", "blocking_reason", "get_study", "load_runner", "make_plan",
            "open_storage", "optuna_study_name", "point_of", "requeue", "run_study", "run_worker",
-           "storage_exists", "study_names", "trial_budget"]
+           "storage_exists", "stored_only", "study_names", "trial_budget"]

@@ -31,7 +31,6 @@ import argparse
 import fcntl
 import importlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -56,6 +55,7 @@ from mme.ablation.grid import (
     reclaim_dead,
     requeue,
 )
+from mme.ablation.plan import Plan
 from mme.ablation.storage import (
     HEARTBEAT_GRACE_S,
     close_dead_trial_runs,
@@ -74,15 +74,10 @@ from mme.ablation.studies import (
     METRICS,
     PLATFORM_ATTR,
     RECORDS,
-    Study,
-    get_study,
-    optuna_study_name,
-    selected_labels,
     trial_budget,
 )
-from mme.config import Config, load_config
+from mme.config import Config
 from mme.engine.tracking import pipeline_tag, setup_experiment, tracking_uri
-from mme.paths import Paths
 
 Runner = Callable[[Config, Path, tuple[str, ...]], dict[str, float]]
 
@@ -103,59 +98,6 @@ class Hooks:
     default_runner: Runner
     prepare: Callable[[Config, Path, list[tuple[Config, tuple[str, ...]]]], None]
     report: Callable[[Config, Path, str], Any]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything a process needs to run one study: definition, naming, storage, places."""
-
-    study: Study
-    name: str  # the Optuna study name
-    preset: str
-    dataset: str
-    overrides: tuple[str, ...]  # the user's --set, shared by every trial
-    seeds: int
-    storage: str
-    workdir: Path
-    runner: str | None
-    only: tuple[str, ...] = ()  # --settings: the labels this run works on (empty: all); see selected_labels
-
-    def search_space(self) -> dict[str, list[Any]]:
-        return {"setting": list(self.study.labels), "seed": list(range(self.seeds))}
-
-    def points(self) -> list[Point]:
-        """The grid points this run works on: the selected settings x seeds 0..N-1."""
-        return [(label, seed) for label in selected_labels(self.study, self.only) for seed in range(self.seeds)]
-
-    def base_config(self) -> Config:
-        return load_config(self.preset, [*trial_budget(self.preset), *self.study.base, *self.overrides])
-
-    def trial_config(self, label: str, seed: int) -> Config:
-        setting = self.study.setting(label)
-        return load_config(self.preset, [*trial_budget(self.preset), *self.study.base, *self.overrides,
-                                         *setting.overrides, f"seed={seed}"])
-
-    def trial_dir(self, label: str, seed: int) -> Path:
-        slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-        return self.workdir / "trials" / self.name / f"{slug}-seed{seed}"
-
-
-def make_plan(name: str, args: argparse.Namespace) -> Plan:
-    study = get_study(name)
-    swept = {o.split("=", 1)[0] for s in study.settings for o in s.overrides}
-    for item in args.overrides:
-        key = item.split("=", 1)[0].strip()
-        if key == "seed":
-            raise ValueError(f"--set {item}: seeds come from --seeds N (seeds 0..N-1)")
-        if key in swept:
-            raise ValueError(f"--set {item}: study {name!r} sweeps {key}; drop it or ablate another study")
-    overrides, budget = tuple(args.overrides), trial_budget(args.preset)
-    dataset = load_config(args.preset, [*budget, *study.base, *overrides]).data.dataset
-    workdir = args.workdir.resolve()
-    only = tuple(label.strip() for label in (getattr(args, "settings", None) or "").split(",") if label.strip())
-    selected_labels(study, only)
-    return Plan(study, optuna_study_name(name, args.preset, dataset, overrides, budget), args.preset, dataset,
-                overrides, args.seeds, args.storage or Paths(workdir).optuna_uri, workdir, args.runner, only)
 
 
 # ----------------------------------------------------------------------------------------------------
