@@ -118,6 +118,10 @@ def test_ordering_reports_ties_and_disagreement():
     result = tables.ordering(tied)
     assert result.same_best is None and result.spearman is None
     assert "tie for best" in tables.agreement_text(tied, result)
+    alone = tables.StudyTable(study, "n", "mini", "synthetic",  # only the reference row measured so far
+                              rows.assign(ft_top1_mean=[float("nan"), 60.0]), 2)
+    text = tables.agreement_text(alone, tables.ordering(alone))
+    assert "Only **w/ patch norm** of the paper's settings is measured" in text and "same as the paper" not in text
 
 
 def test_a_metric_at_chance_is_called_out():

@@ -385,7 +385,10 @@ def agreement_text(table: StudyTable, result: Ordering, chance: float | None = N
     if not result.best_measured:
         return f"{where} No measured setting has a paper value, so the ordering cannot be compared."
     paper_best = " / ".join(result.best_paper)
-    if result.same_best is None:
+    if len(result.settings) < 2:
+        best = (f"Only **{result.settings[0]}** of the paper's settings is measured, so no best setting or "
+                "ordering can be compared with the paper's.")
+    elif result.same_best is None:
         best = (f"Several measured settings tie for best ({' / '.join(result.best_measured)}), so whether the best "
                 f"setting matches the paper's ({paper_best}) is undecided.")
     elif result.same_best:
