@@ -31,6 +31,7 @@ from mme.ablation import (
     study_names,
 )
 from mme.config import PRESETS, Config, ConfigError
+from mme.engine.loops import compute_platform, emulated_bf16_keys, platform_name
 from mme.stages.chain import is_stored, prepare_data, run_stage_chain
 
 __all__ = ["main", "make_plan", "open_storage", "parse_args", "stored_only"]
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stored-only", action="store_true",
                         help="train nothing: record only the grid points whose results are stored (reports/results/, "
                         "committed), then rebuild the tables; the points left out are named")
+    parser.add_argument("--allow-emulated-bf16", action="store_true",
+                        help="train bf16 trials even on a CPU that emulates bf16 (refused by default: hours a trial)")
     parser.add_argument("--requeue-running", action="store_true",
                         help="mark RUNNING trials failed and retry them (after a killed worker; journal storage)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -88,12 +91,32 @@ def narrowed(plans: list[Plan], quiet: bool) -> list[Plan]:
     return kept
 
 
+def emulated_bf16_refusal(plans: list[Plan]) -> str | None:
+    """Why this run must not start, if one of its trials would train in bf16 on a device that emulates it
+    (~20x slower than fp32, hours a trial): the first such point, the keys and the ways out. Points whose
+    results are stored train nothing and never count; nor do `--runner` hooks."""
+    for plan in plans:
+        for label, seed in plan.points() if plan.runner is None else ():
+            cfg = plan.trial_config(label, seed)
+            keys = emulated_bf16_keys(cfg)
+            if keys and not is_stored(cfg, plan.study.stages, plan.workdir):
+                return (f"{plan.study.name}: {label} seed {seed} would train with {', '.join(keys)} = bf16 on "
+                        f"{platform_name(compute_platform())}, which emulates bf16: hours a trial. Run it on a CPU "
+                        "with AMX or AVX-512-BF16 or on a GPU, or add --set pretrain.amp=off --set finetune.amp=off "
+                        "(fp32: other float rounding, so another study with its own results), or pass "
+                        "--allow-emulated-bf16")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         plans = [make_plan(name, args) for name in study_names(args.study)]
         plans = narrowed(plans, quiet=args.worker) if args.stored_only else plans
         load_runner(args.runner, run_stage_chain)
+        refusal = None if args.worker or args.allow_emulated_bf16 else emulated_bf16_refusal(plans)
+        if refusal:
+            raise ValueError(refusal)
     except KeyError as exc:
         print(f"ablate.py: {exc.args[0]}", file=sys.stderr)
         return 2

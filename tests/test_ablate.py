@@ -321,3 +321,27 @@ def test_killed_worker_is_reported_and_its_point_reclaimed_at_once(tmp_path, fak
     again = _ablate(workdir, fake_runner)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "8/8 grid points done" in again.stdout and time.time() - started < HEARTBEAT_GRACE_S
+
+
+def test_a_run_that_would_train_in_emulated_bf16_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """On a CPU without native bf16 a bf16 trial takes hours: the run stops at once, naming the point, the keys
+    and the ways out; fp32 overrides, the explicit flag, or a --runner hook let it through."""
+    from mme.engine import loops
+
+    monkeypatch.setattr(loops, "native_bf16", lambda device_type: False)
+    monkeypatch.setattr(loops.torch.cuda, "is_available", lambda: False)
+    ablate, workdir = _load_ablate(), tmp_path / "work"
+    argv = ["--study", "norm", "--preset", "smoke", "--workdir", str(workdir)]
+    assert ablate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "norm: w/o patch norm seed 0 would train with pretrain.amp, finetune.amp = bf16" in err
+    assert "--set pretrain.amp=off --set finetune.amp=off" in err and "--allow-emulated-bf16" in err
+    assert not workdir.exists()  # no data, no storage, no MLflow run
+    plans = [ablate.make_plan("norm", ablate.parse_args([*argv, "--set", "pretrain.amp=off"]))]
+    assert "would train with finetune.amp = bf16" in ablate.emulated_bf16_refusal(plans)
+    fp32 = ["--set", "pretrain.amp=off", "--set", "finetune.amp=off"]
+    assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args([*argv, *fp32]))]) is None
+    hooked = ablate.parse_args([*argv, "--runner", "ablate_fake_runner:run"])
+    assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", hooked)]) is None
+    monkeypatch.setattr(loops, "native_bf16", lambda device_type: True)
+    assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args(argv))]) is None

@@ -81,6 +81,16 @@ def _warn_emulated_bf16(device_type: str) -> None:
                   "result digests).", stacklevel=3)
 
 
+def emulated_bf16_keys(cfg: Any) -> list[str]:
+    """The `<stage>.amp` keys of `cfg` that would autocast to bf16 on a device of this process that emulates it
+    (fp16 means bf16 on a CPU): a run that must know before it starts (hours, not minutes) asks here."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if native_bf16(device):
+        return []
+    return [f"{stage}.amp" for stage in ("pretrain", "finetune")
+            if getattr(cfg, stage).amp == "bf16" or (getattr(cfg, stage).amp == "fp16" and device == "cpu")]
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """'bf16' | 'fp16' | 'off' -> autocast dtype; fp16 needs CUDA (bf16 is used on CPU instead)."""
     if amp == "off":
