@@ -460,8 +460,7 @@ def load_config(preset: str | None = None, overrides: tuple[str, ...] | list[str
         params: a params.yaml path or an already-read mapping (applied after the preset).
     """
     tree = load_params(params) if isinstance(params, (str, Path)) else copy.deepcopy(params or {})
-    name = preset or tree.pop("preset", None) or "mini"
-    tree.pop("preset", None)
+    name = next(name for name in (preset, tree.pop("preset", None), "mini") if name)  # the tree's is popped always
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=name)
