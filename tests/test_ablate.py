@@ -328,7 +328,7 @@ def test_a_run_that_would_train_in_emulated_bf16_is_refused_before_anything_star
     and the ways out; fp32 overrides, the explicit flag, or a --runner hook let it through."""
     from mme.engine import loops
 
-    monkeypatch.setattr(loops, "native_bf16", lambda device_type: False)
+    monkeypatch.setattr(loops, "native_bf16", lambda _device_type: False)
     monkeypatch.setattr(loops.torch.cuda, "is_available", lambda: False)
     ablate, workdir = _load_ablate(), tmp_path / "work"
     argv = ["--study", "norm", "--preset", "smoke", "--workdir", str(workdir)]
@@ -343,5 +343,5 @@ def test_a_run_that_would_train_in_emulated_bf16_is_refused_before_anything_star
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args([*argv, *fp32]))]) is None
     hooked = ablate.parse_args([*argv, "--runner", "ablate_fake_runner:run"])
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", hooked)]) is None
-    monkeypatch.setattr(loops, "native_bf16", lambda device_type: True)
+    monkeypatch.setattr(loops, "native_bf16", lambda _device_type: True)
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args(argv))]) is None

@@ -104,13 +104,16 @@ def test_dvc_repro_smoke_pipeline(tmp_path):
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert "Running stage 'finetune'" in out and "Running stage 'evaluate'" in out
 
-    # The remote workflow: commit what git tracks (.dvc/config with the remote included), push the cache,
-    # clone again and pull instead of recomputing.
-    _run([dvc, "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    _push_clone_pull(repo, tmp_path / "remote", tmp_path / "clone", dvc)
+
+
+def _push_clone_pull(repo: Path, remote: Path, clone: Path, dvc: str) -> None:
+    """The remote workflow: commit what git tracks (.dvc/config with the remote included), push the cache,
+    clone again and pull instead of recomputing; the clone is then up to date."""
+    _run([dvc, "remote", "add", "-d", "local", str(remote)], repo)
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "pipeline results and the remote")
     _run([dvc, "push"], repo)
-    clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     assert not (clone / "models").exists()
     _run([dvc, "pull"], clone)

@@ -168,7 +168,7 @@ def test_stored_only_records_the_stored_points_and_trains_nothing(tmp_path, coun
     from mme.stages import download
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(download, "run", lambda cfg, workdir: pytest.fail("--stored-only prepared data"))
+    monkeypatch.setattr(download, "run", lambda *_: pytest.fail("--stored-only prepared data"))
     ablate, workdir = _load_ablate(), tmp_path / "work"
     argv = ["--study", "content", "--preset", "smoke", "--workdir", str(workdir), "--seeds", "2"]
     plan = ablate.make_plan("content", ablate.parse_args(argv))
