@@ -83,7 +83,7 @@ def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, co
     assert [p.name.split("-")[0] for p in stored] == ["finetune", "pretrain", "probe"]
     assert all(json.loads(p.read_text())["trial_dir"] == "trials/content/ref-s0" for p in stored)
     from mme.engine.loops import compute_platform, platform_name
-    assert all(json.loads(p.read_text())["platform"] == compute_platform() for p in stored)
+    assert all(json.loads(p.read_text())["platform"] == compute_platform() | {"precision": "bf16"} for p in stored)
     assert first["platform"] == platform_name(compute_platform())
     shutil.copytree(first_root / "reports", second_root / "reports")
     again = chain.run_stage_chain(cfg, _trial_dir(second_root, "content", "ref-s0"), FULL_CHAIN)
@@ -92,6 +92,9 @@ def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, co
         path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "platform"}))
     older = chain.run_stage_chain(cfg, _trial_dir(second_root, "content", "ref-s0-again"), FULL_CHAIN)
     assert older["platform"] == "not recorded" and len(counted_parts) == 3
+    fp32 = load_config("mini", [*STUDIES["content"].base, "seed=0", "pretrain.amp=off", "finetune.amp=off"])
+    plain = chain.run_stage_chain(fp32, _trial_dir(first_root, "content", "fp32-s0"), FULL_CHAIN)
+    assert plain["platform"].endswith(" (fp32)") and "bf16" not in plain["platform"]  # the bf16 kind is moot
 
 
 def test_no_data_is_prepared_when_every_trial_is_stored(tmp_path, counted_parts, monkeypatch):  # noqa: ARG001

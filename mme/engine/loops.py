@@ -66,9 +66,12 @@ def compute_platform() -> dict[str, str]:
 
 
 def platform_name(platform: dict[str, str] | None) -> str | None:
-    """A `compute_platform()` record in words ("AMD EPYC (avx512_bf16 bf16)"); None for no record."""
+    """A `compute_platform()` record in words ("AMD EPYC (avx512_bf16 bf16)", or "AMD EPYC (fp32)" when the
+    record's `precision` says the part ran without autocast, where the bf16 kind is moot); None for no record."""
     if not platform:
         return None
+    if platform.get("precision") == "fp32":
+        return f"{platform.get('gpu') or platform.get('cpu', 'unknown')} (fp32)"
     return platform.get("gpu") or f"{platform.get('cpu', 'unknown')} ({platform.get('bf16', '?')} bf16)"
 
 

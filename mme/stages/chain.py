@@ -89,7 +89,7 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
             found, record, platform = saved[part]
             print(f"ablate: {part} reused from {store / part_key(cfg, part)}.json", flush=True)
         else:
-            (found, record), platform = RUN_PART[part](cfg, trial_dir), compute_platform()
+            (found, record), platform = RUN_PART[part](cfg, trial_dir), compute_platform() | precision(cfg, part)
             write_json(store / f"{part_key(cfg, part)}.json",
                        {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
                         "trial_dir": _relative(trial_dir, workdir), "platform": platform})
@@ -100,6 +100,13 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
         metrics[per_clip.PER_CLIP_ATTR] = per_clip.encode(merge_records(records))
     metrics[PLATFORM_ATTR] = " + ".join(dict.fromkeys(platforms))
     return metrics
+
+
+def precision(cfg: Config, part: str) -> dict[str, str]:
+    """The autocast the part ran under (`fp32` for `amp=off`), stored beside its platform. The probe computes
+    its token features under `pretrain.amp`."""
+    amp = (cfg.finetune if part == "finetune" else cfg.pretrain).amp
+    return {"precision": "fp32" if amp == "off" else amp}
 
 
 def trial_parts(cfg: Config, stages: tuple[str, ...]) -> list[str]:
