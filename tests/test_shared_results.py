@@ -139,6 +139,18 @@ def test_floors_skip_pretraining_and_share_parts_across_pretraining_settings(tmp
     assert len(counted_parts) == 2
 
 
+def test_a_floor_probed_in_fp32_is_not_the_bf16_floor():
+    """The untrained encoder's token features are computed under pretrain.amp, so an fp32 floor (measured
+    11.33 against 11.50 in bf16 on the appearance-varied set) is another result; the bf16 key stays as stored."""
+    base = [*STUDIES["content"].base, *STUDIES["content"].setting(FLOOR).overrides, "seed=0"]
+    bf16, fp32 = load_config("mini", base), load_config("mini", [*base, "pretrain.amp=off"])
+    assert chain.part_key(bf16, "probe") != chain.part_key(fp32, "probe")
+    assert chain.part_key(bf16, "finetune") == chain.part_key(fp32, "finetune")  # fine-tuning reads finetune.amp
+    assert chain.part_key(bf16, "probe") == "probe-5a79cdb8d6bc"  # the committed floors keep their digests:
+    varied = load_config("mini", [*base, "data.synthetic.appearance=random"])  # reports/results/ and the varied set's
+    assert chain.part_key(varied, "probe") == "probe-3c58efef0415"
+
+
 def test_the_probe_key_changes_with_the_probe_recipe(monkeypatch):
     from mme.stages import probe
 

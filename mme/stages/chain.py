@@ -67,6 +67,8 @@ def part_key(cfg: Config, part: str) -> str:
                 tree[section].pop(key, None)
     if part == "probe":
         tree["probe_recipe"] = probe.RECIPE
+        if is_floor(cfg) and cfg.pretrain.amp != "bf16":  # the floor's features are computed under it too;
+            tree["features_amp"] = cfg.pretrain.amp      # every floor stored before 2026-12-03 was bf16
     if cfg.data.shuffle_frames and not is_floor(cfg) and get_target(cfg).follows_shuffle(TargetGeometry.from_cfg(cfg)):
         tree["targets_follow_shuffle"] = True  # since 2026-12-02; results from before kept the real order
     text = json.dumps(tree, sort_keys=True, default=str)
