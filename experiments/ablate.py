@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train nothing: record only the grid points whose results are stored (reports/results/, "
                         "committed), then rebuild the tables; the points left out are named")
     parser.add_argument("--allow-emulated-bf16", action="store_true",
-                        help="train bf16 trials even on a CPU that emulates bf16 (refused by default: hours a trial)")
+                        help="train bf16 trials even on a CPU that emulates bf16 (refused by default outside the "
+                        "smoke preset: hours a trial)")
     parser.add_argument("--requeue-running", action="store_true",
                         help="mark RUNNING trials failed and retry them (after a killed worker; journal storage)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -94,9 +95,10 @@ def narrowed(plans: list[Plan], quiet: bool) -> list[Plan]:
 def emulated_bf16_refusal(plans: list[Plan]) -> str | None:
     """Why this run must not start, if one of its trials would train in bf16 on a device that emulates it
     (~20x slower than fp32, hours a trial): the first such point, the keys and the ways out. Points whose
-    results are stored train nothing and never count; nor do `--runner` hooks."""
+    results are stored train nothing and never count; nor do `--runner` hooks, nor the smoke preset (seconds a
+    trial even emulated)."""
     for plan in plans:
-        for label, seed in plan.points() if plan.runner is None else ():
+        for label, seed in plan.points() if plan.runner is None and plan.preset != "smoke" else ():
             cfg = plan.trial_config(label, seed)
             keys = emulated_bf16_keys(cfg)
             if keys and not is_stored(cfg, plan.study.stages, plan.workdir):

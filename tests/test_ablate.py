@@ -331,7 +331,7 @@ def test_a_run_that_would_train_in_emulated_bf16_is_refused_before_anything_star
     monkeypatch.setattr(loops, "native_bf16", lambda _device_type: False)
     monkeypatch.setattr(loops.torch.cuda, "is_available", lambda: False)
     ablate, workdir = _load_ablate(), tmp_path / "work"
-    argv = ["--study", "norm", "--preset", "smoke", "--workdir", str(workdir)]
+    argv = ["--study", "norm", "--preset", "mini", "--workdir", str(workdir)]
     assert ablate.main(argv) == 2
     err = capsys.readouterr().err
     assert "norm: w/o patch norm seed 0 would train with pretrain.amp, finetune.amp = bf16" in err
@@ -343,5 +343,7 @@ def test_a_run_that_would_train_in_emulated_bf16_is_refused_before_anything_star
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args([*argv, *fp32]))]) is None
     hooked = ablate.parse_args([*argv, "--runner", "ablate_fake_runner:run"])
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", hooked)]) is None
+    smoke = ablate.parse_args(["--study", "norm", "--preset", "smoke", "--workdir", str(workdir)])
+    assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", smoke)]) is None  # seconds a trial, even emulated
     monkeypatch.setattr(loops, "native_bf16", lambda _device_type: True)
     assert ablate.emulated_bf16_refusal([ablate.make_plan("norm", ablate.parse_args(argv))]) is None
