@@ -152,7 +152,11 @@ STUDIES: dict[str, Study] = {s.name: s for s in (
                 Claim("Traj", AHEAD_OF, "HOG", "64.1 vs 61.1: motion trajectories beat appearance (HOG)"),
                 Claim("HOG+Traj w/o shape", AHEAD_OF, "HOG", "63.5 vs 61.1: long-term position changes add to HOG"),
                 Claim("Traj", AHEAD_OF, "HOG+Traj w/o shape", "64.1 vs 63.5: the trajectory's shape adds to it"),
-                Claim("HOG+MBH", COMPETITIVE, "HOG", "61.4 vs 61.1: short-term motion adds little"))),
+                Claim("HOG+MBH", COMPETITIVE, "HOG", "61.4 vs 61.1: short-term motion adds little"),
+                Claim("HOG+Flow", COMPETITIVE, "HOG", "60.9 vs 61.1: predicting the dense flow map adds nothing"),
+                Claim("HOG+Traj w/o shape", AHEAD_OF, "HOG+MBH", "63.5 vs 61.4: long-term motion beats short-term"),
+                Claim("HOG+Traj w/o shape", AHEAD_OF, "HOG+HOF", "63.5 vs 61.3: long-term motion beats HOF"),
+                Claim("HOG+Traj w/o shape", AHEAD_OF, "HOG+Flow", "63.5 vs 60.9: and the flow map"))),
     Study("interpolation", "6", "table6_interpolation", "Trajectory interpolation", "interpolation", (
         _same("HOG no-interp", "target.kind=hog", "target.interpolate=false"),
         _same("HOG interp", "target.kind=hog", "target.interpolate=true"),
