@@ -49,7 +49,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "model.decoder_mode", "model.decoder_num_heads", "model.depth", "model.drop_path", "model.embed_dim",
         "model.mlp_ratio", "model.name", "model.num_heads", "model.patch_size", "model.tubelet_size",
         "pretrain.accum_steps", "pretrain.amp", "pretrain.base_lr", "pretrain.batch_size", "pretrain.betas",
-        "pretrain.clip_grad", "pretrain.epochs", "pretrain.min_lr", "pretrain.warmup_epochs",
+        "pretrain.clip_grad", "pretrain.epochs", "pretrain.min_lr", "pretrain.stride", "pretrain.warmup_epochs",
         "pretrain.weight_decay", "seed", "target.density", "target.fb_check", "target.interpolate",
         "target.kind", "target.length", "target.median_filter", "target.patch_norm",
         "target.points_per_patch", "target.prune"),

@@ -147,6 +147,7 @@ class PretrainConfig:
     accum_steps: int = 1
     amp: Amp = "bf16"
     compile: bool = False  # torch.compile the model of the training step (speed only: README, Speed)
+    stride: int = 0  # pre-training clips' sampling stride (Table 7d); 0 = data.stride (docs/targets.md)
 
 
 @dataclass
@@ -220,7 +221,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mask.ratio": (0.0, 0.99), "finetune.token_drop": (0.0, 0.95), "target.length": (1, 32),
     "target.points_per_patch": (1, 64), "data.stride": (1, 16), "data.num_frames": (2, 128),
     "model.decoder_depth": (1, 16), "data.crop_scale_min": (0.05, 1.0), "data.val_fraction": (0.0, 0.5),
-    "data.test_fraction": (0.0, 0.5), "data.synthetic.zoom": (0.25, 4.0),
+    "data.test_fraction": (0.0, 0.5), "data.synthetic.zoom": (0.25, 4.0), "pretrain.stride": (0, 16),
 }
 
 # Named overlays (their sizing: docs/deviations.md, Scale). Only the keys that differ from the defaults.
@@ -251,8 +252,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "flow": {"backend": "farneback"},
         "model": {"name": "base", "drop_path": 0.1},
         "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40},
-        "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5,
-                     "layer_decay": 0.75},
+        "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5, "layer_decay": 0.75},
         "probe": {"epochs": 20},
         "evaluate": {"num_clips": 2, "num_crops": 3},
     },
@@ -379,6 +379,7 @@ def _apply_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
 # rounding): no DVC stage lists them, no resume checks them.
 SPEED_ONLY = frozenset({"data.num_workers", "data.synthetic.workers", "flow.workers", "data.targets_on",
                         "pretrain.compile", "finetune.compile"})
+FALLBACKS = {"pretrain.stride": "data.stride"}  # key -> the key whose value it takes when 0
 # Counts: key -> smallest allowed value (no upper bound). Zero workers means "in this process"; a
 # negative or zero epoch count would make a run that trains nothing and still writes a final checkpoint.
 COUNTS: dict[str, int] = {
@@ -391,8 +392,7 @@ COUNTS: dict[str, int] = {
     "finetune.epochs": 1, "finetune.batch_size": 1, "finetune.warmup_epochs": 0, "finetune.accum_steps": 1,
     "finetune.val_every": 1, "probe.epochs": 1, "probe.batch_size": 1, "evaluate.num_clips": 1,
     "evaluate.num_crops": 1, "evaluate.batch_size": 1}
-# Non-negative amounts (0 switches the feature off).
-NON_NEGATIVE = ("pretrain.clip_grad", "finetune.clip_grad", "finetune.mixup", "finetune.cutmix")
+NON_NEGATIVE = ("pretrain.clip_grad", "finetune.clip_grad", "finetune.mixup", "finetune.cutmix")  # 0 = off
 
 
 def validate_counts(flat: dict[str, Any]) -> None:
@@ -423,19 +423,17 @@ def validate(cfg: Config) -> None:
     if cfg.data.input_size > cfg.data.short_side:
         raise ConfigError(
             f"data.input_size={cfg.data.input_size} must not exceed data.short_side={cfg.data.short_side}")
-    side = int(round(cfg.target.points_per_patch ** 0.5))
-    if side * side != cfg.target.points_per_patch:
+    if round(cfg.target.points_per_patch ** 0.5) ** 2 != cfg.target.points_per_patch:
         raise ConfigError(f"target.points_per_patch={cfg.target.points_per_patch} must be a square (1, 4, 9, 16, ...)")
     for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "decoder_dim", "decoder_num_heads"):
-        value = getattr(cfg.model, key)
-        if value is not None and value <= 0:
+        if (value := getattr(cfg.model, key)) is not None and value <= 0:
             raise ConfigError(f"model.{key}={value} must be positive (or null for the size's default)")
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
-    """Read a params.yaml file (an empty or missing file gives {})."""
+    """Read a params.yaml file."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists():  # an empty or missing file gives {}
         return {}
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -483,9 +481,11 @@ def params_tree(cfg: Config) -> dict[str, Any]:
 
 
 def result_tree(cfg: Config, keep: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """`cfg` as a tree without its SPEED_ONLY keys (but those in `keep`): what a stored result depends on."""
-    tree = cfg.to_dict()
-    for key in SPEED_ONLY - keep:
+    """What a stored result depends on: `cfg` as a tree without its SPEED_ONLY keys (but those in `keep`) nor a
+    FALLBACKS key that changes nothing (0 or its fallback's value: results stored before it keep their keys)."""
+    tree, flat = cfg.to_dict(), cfg.flat()
+    idle = {key for key, fallback in FALLBACKS.items() if flat[key] in (0, flat[fallback])}
+    for key in (SPEED_ONLY - keep) | idle:
         *sections, name = key.split(".")
         functools.reduce(dict.get, sections, tree).pop(name)
     return tree

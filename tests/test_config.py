@@ -92,12 +92,15 @@ def test_model_dimensions_default_to_the_named_size_and_explicit_values_win():
         load_config("mini", ["model.depth=deep"])
 
 
-def test_result_tree_drops_exactly_the_speed_only_keys():
-    from mme.config import flatten
+def test_result_tree_drops_exactly_the_speed_only_keys_and_the_idle_fallbacks():
+    from mme.config import FALLBACKS, flatten
 
     cfg = load_config("mini", ["pretrain.compile=true", "data.num_workers=5"])
     full, kept = cfg.flat(), flatten(result_tree(cfg))
-    assert set(full) - set(kept) == SPEED_ONLY
+    assert set(full) - set(kept) == SPEED_ONLY | set(FALLBACKS)  # pretrain.stride 0: takes data.stride
+    for stride, kept_key in ((3, False), (2, True), (0, False)):  # data.stride is 3 on mini
+        assert ("pretrain.stride" in flatten(result_tree(load_config("mini", [f"pretrain.stride={stride}"])))) \
+            is kept_key
     assert all(kept[k] == full[k] for k in kept)
     partial = flatten(result_tree(cfg, keep=frozenset({"data.num_workers"})))
     assert partial["data.num_workers"] == 5 and "pretrain.compile" not in partial

@@ -110,6 +110,21 @@ def test_a_clip_longer_than_the_video_marks_the_trajectories_past_its_end_invali
     assert valid[0].float().mean() > 0.5 and not valid[-1].any()
 
 
+def test_pretrain_stride_samples_pre_training_clips_only(extracted_workdir, smoke_cfg):
+    """Table 7d: `pretrain.stride=4` pre-trains on exactly the clips and targets of `data.stride=4`, while the
+    fine-tuning clips keep `data.stride` (smoke: 2); equal to `data.stride` it is the default run."""
+    own = load_config("smoke", ["pretrain.stride=4"])
+    item = PretrainDataset(own, extracted_workdir)[0]
+    assert_same(item, PretrainDataset(load_config("smoke", ["data.stride=4"]), extracted_workdir)[0])
+    default = PretrainDataset(smoke_cfg, extracted_workdir)[0]
+    assert not torch.equal(item["video"], default["video"])
+    assert_same(PretrainDataset(load_config("smoke", ["pretrain.stride=2"]), extracted_workdir)[0], default)
+    ft_own, ft_default = (VideoClsDataset(cfg, extracted_workdir, "train", "train")[0] for cfg in (own, smoke_cfg))
+    assert_same(ft_own, ft_default)
+    with pytest.raises(ValueError, match=r"pretrain.stride=17 is out of range \[0, 16\]"):
+        load_config("smoke", ["pretrain.stride=17"])
+
+
 @pytest.mark.parametrize("kind", ["pixel", "hog+hof", "motionmae"])
 def test_baseline_kinds_load(extracted_workdir, kind):
     cfg = load_config("smoke", [f"target.kind={kind}"])

@@ -70,6 +70,16 @@ def test_the_reference_traj_runs_once_per_seed_across_tables(tmp_path, counted_p
     assert len(keys) == 1  # every table's reference traj row resolves to one trial
 
 
+def test_a_pre_training_stride_keys_every_trained_part_but_not_the_floor():
+    """7d's s=4 is its own pre-training, so its fine-tune and probe results are its own too; the floor trains
+    nothing, and s=3 (= data.stride) is the reference run, so both keep the keys stored before the key existed."""
+    four, three, traj = _cfg("stride", "s=4", 0), _cfg("stride", "s=3", 0), _cfg("content", "Traj", 0)
+    for part in chain.PARTS:
+        assert chain.part_key(three, part) == chain.part_key(traj, part)
+        assert chain.part_key(four, part) != chain.part_key(traj, part)
+    assert chain.part_key(_cfg("stride", FLOOR, 0), "probe") == chain.part_key(_cfg("content", FLOOR, 0), "probe")
+
+
 def test_stored_results_travel_with_the_reports_to_another_checkout(tmp_path, counted_parts):
     """The store lives under reports/results/ (committed): a fresh clone elsewhere, given those files,
     reuses every part instead of re-training, and the files name no directory of the first machine."""
