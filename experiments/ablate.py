@@ -32,7 +32,7 @@ from mme.ablation import (
 )
 from mme.config import PRESETS, Config, ConfigError
 from mme.engine.loops import compute_platform, emulated_bf16_keys, platform_name
-from mme.stages.chain import is_stored, prepare_data, run_stage_chain
+from mme.stages.chain import is_stored, prepare_data, run_stage_chain, trial_identity
 
 __all__ = ["main", "make_plan", "open_storage", "parse_args", "stored_only"]
 
@@ -43,7 +43,7 @@ def report(cfg: Config, workdir: Path, storage: str) -> None:
     report_stage.run(cfg, workdir, storage=storage)
 
 
-HOOKS = Hooks(Path(__file__).resolve(), run_stage_chain, prepare_data, report)
+HOOKS = Hooks(Path(__file__).resolve(), run_stage_chain, prepare_data, report, trial_identity)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

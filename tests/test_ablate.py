@@ -140,6 +140,48 @@ def test_two_workers_split_grid_retry_failure_and_resume(tmp_path, fake_runner):
     assert "8/8 grid points done" in again.stdout
 
 
+
+def _finished(plan, label: str, ft_top1: float, **user_attrs) -> optuna.trial.FrozenTrial:
+    """A COMPLETE trial of `plan`'s grid point (label, seed 0), as an earlier run would have left it."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    distributions = {"setting": CategoricalDistribution(list(plan.study.labels)),
+                     "seed": IntDistribution(0, plan.seeds - 1)}
+    return optuna.trial.create_trial(params={"setting": label, "seed": 0}, distributions=distributions,
+                                     value=ft_top1, user_attrs={"setting": label, "seed": 0, "ft_top1": ft_top1,
+                                                                **user_attrs})
+
+
+def test_a_point_finished_under_another_definition_runs_again(tmp_path, fake_runner):
+    """Only a COMPLETE trial recorded under its point's current identity (the trial's part keys) counts as
+    done: one from an older definition of the setting, or from before identities were recorded, runs
+    again, and the table shows the new result instead of the stale one."""
+    from mme.stages.chain import trial_identity
+
+    ablate, workdir = _load_ablate(), tmp_path / "work"
+    plan = ablate.make_plan("length", ablate.parse_args(["--study", "length", "--preset", "smoke", "--seeds", "1",
+                                                         "--workdir", str(workdir)]))
+    workdir.mkdir()
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name=plan.name, direction="maximize")
+    current = trial_identity(plan.trial_config("L=4", 0), plan.study.stages)
+    assert current != trial_identity(plan.trial_config("L=6", 0), plan.study.stages)
+    study.add_trial(_finished(plan, "L=4", 11.0, identity=current))
+    study.add_trial(_finished(plan, "L=6", 12.0, identity="pretrain-000000000000 finetune-000000000000"))
+    study.add_trial(_finished(plan, "L=8", 13.0))  # recorded before trials carried an identity
+    out = _ablate(workdir, fake_runner, "--seeds", "1")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "running them again: L=6 seed 0, L=8 seed 0" in out.stdout
+    ran = [t for t in _trials(storage, plan.name)[3:] if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["setting"] for t in ran) == ["L=6", "L=8", "Random init"]  # not L=4
+    assert all(t.user_attrs["identity"] == trial_identity(plan.trial_config(t.params["setting"], 0),
+                                                          plan.study.stages) for t in ran)
+    table = pd.read_csv(workdir / "reports/tables/table7a_length.csv").set_index("setting")
+    assert list(table.loc[["L=4", "L=6", "L=8"], "ft_top1_mean"]) == [11.0, 56.0, 58.0]
+    again = _ablate(workdir, fake_runner, "--seeds", "1")
+    assert "4/4 grid points done" in again.stdout and "running them again" not in again.stdout
+
+
 def test_point_that_keeps_failing_is_given_up_on_a_journal(tmp_path, fake_runner, monkeypatch):
     for key, value in fake_runner.items():
         monkeypatch.setenv(key, value)
@@ -219,6 +261,10 @@ def test_blocking_reason_yields_to_finished_earlier_running_and_exhausted_points
     other_point = _t(4, TrialState.RUNNING, minute=2, queued=("b", 0))
     assert blocking_reason([other_point, me], me, ("a", 0)) is None
     assert blocking_reason([_t(1, TrialState.COMPLETE, "b"), me], me, ("a", 0)) is None
+    now, old = _t(1, TrialState.COMPLETE, "a", identity="k2"), _t(1, TrialState.COMPLETE, "a", identity="k1")
+    assert "finished in trial 1" in blocking_reason([now, me], me, ("a", 0), identity="k2")
+    assert blocking_reason([old, me], me, ("a", 0), identity="k2") is None  # stale: runs again
+    assert blocking_reason([_t(1, TrialState.COMPLETE, "a"), me], me, ("a", 0), identity="k2") is None
     fail, stopped = _t(1, TrialState.FAIL, "a"), _t(2, TrialState.FAIL, "a", interrupted=True)
     assert blocking_reason([fail, stopped, me], me, ("a", 0)) is None  # an interrupted run is no failure
     assert "given up" in blocking_reason([fail, _t(2, TrialState.FAIL, "a"), me], me, ("a", 0))

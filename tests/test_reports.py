@@ -53,6 +53,20 @@ def length_storage(tmp_path) -> str:
     return url
 
 
+
+def test_a_point_run_again_under_a_new_identity_counts_by_its_new_trial():
+    """A trial recorded under an older identity (the setting was redefined) gives way to the point's
+    re-run; duplicates under one identity still count by their first trial; trials without an identity
+    (recorded before identities) keep counting by their first."""
+    trials = [_trial("L=6", 0, identity="old", **_metrics(11.0)), _trial("L=6", 0, identity="new", **_metrics(67.0)),
+              _trial("L=6", 0, identity="new", **_metrics(99.0)), _trial("L=4", 0, **_metrics(60.0)),
+              _trial("L=4", 0, **_metrics(98.0))]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    records = tables.trial_records(trials).set_index("setting")
+    assert records.loc["L=6", "ft_top1"] == 67.0 and records.loc["L=4", "ft_top1"] == 60.0
+    assert list(records["number"]) == [1, 3]
+
 def test_reference_copy_matches_shared_csv_and_covers_every_study():
     if SHARED_CSV.exists():
         assert REFERENCE_CSV == SHARED_CSV.read_text()

@@ -5,6 +5,12 @@ reclaiming the points of workers that died.
 Only Optuna's public API is used: the grid is enumerated here and queued with `Study.enqueue_trial`,
 each queued trial carrying its point as user attributes (`setting`, `seed`), so a point is known from
 the moment its trial exists, before any parameter is suggested.
+
+A trial also records its point's *identity* (what its results are keyed by, from the layer above): a
+COMPLETE trial counts only while that identity is still the point's. When a study's setting is redefined,
+or the code changes what a setting computes, its old trials are stale and the point runs again (a trial
+recorded before identities existed is stale too; re-running a point whose results are stored trains
+nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import os
 import socket
 from dataclasses import dataclass
 from typing import Any
+
+from mme.ablation.studies import ATTR_IDENTITY
 
 MAX_RETRY = 1  # a point that fails (not merely interrupted) is run once more, then given up
 Point = tuple[str, int]  # (setting label, seed)
@@ -30,23 +38,28 @@ def point_of(trial: Any) -> Point | None:
     return None
 
 
+def is_current(trial: Any, identity: str | None) -> bool:
+    """The trial ran its point as the point is now (`identity` None: not checked)."""
+    return identity is None or trial.user_attrs.get(ATTR_IDENTITY) == identity
+
+
 def counts_as_failure(trial: Any) -> bool:
     from optuna.trial import TrialState
 
     return trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted", False)
 
 
-def blocking_reason(trials: list[Any], me: Any, point: Point) -> str | None:
-    """Why trial `me` must not run `point` (None: it may): the point is COMPLETE, or RUNNING in a trial
-    that started earlier (two workers may each have queued it), or it has failed more than MAX_RETRY
-    times. `trials` are the study's FrozenTrials, `me` included."""
+def blocking_reason(trials: list[Any], me: Any, point: Point, identity: str | None = None) -> str | None:
+    """Why trial `me` must not run `point` (None: it may): the point is COMPLETE under `identity`, or
+    RUNNING in a trial that started earlier (two workers may each have queued it), or it has failed more
+    than MAX_RETRY times. `trials` are the study's FrozenTrials, `me` included."""
     from optuna.trial import TrialState
 
     failures = 0
     for other in trials:
         if other.number == me.number or point_of(other) != point:
             continue
-        if other.state == TrialState.COMPLETE:
+        if other.state == TrialState.COMPLETE and is_current(other, identity):
             return f"grid point {point} already finished in trial {other.number}"
         if other.state == TrialState.RUNNING and (other.datetime_start, other.number) < (me.datetime_start, me.number):
             return f"grid point {point} is already running in trial {other.number}"
@@ -61,6 +74,7 @@ class GridState:
     """Where each (setting, seed) point of a study stands, read from its trials."""
 
     done: set[Point]
+    stale: set[Point]  # COMPLETE only under another identity: to run again
     active: set[Point]  # RUNNING or WAITING somewhere
     waiting: int
     failures: dict[Point, int]
@@ -68,17 +82,19 @@ class GridState:
     running: dict[Point, Any]  # a RUNNING trial per point (who holds it)
 
     @classmethod
-    def read(cls, study: Any) -> GridState:
+    def read(cls, study: Any, identities: dict[Point, str] | None = None) -> GridState:
+        """`identities`: each point's identity now (None: every COMPLETE trial counts)."""
         from optuna.trial import TrialState
 
-        state = cls(set(), set(), 0, {}, {}, {})
+        state = cls(set(), set(), set(), 0, {}, {}, {})
         for trial in study.get_trials(deepcopy=False):
             point = point_of(trial)
             state.waiting += trial.state == TrialState.WAITING
             if point is None:
                 continue
             if trial.state == TrialState.COMPLETE:
-                state.done.add(point)
+                current = is_current(trial, None if identities is None else identities.get(point))
+                (state.done if current else state.stale).add(point)
             elif trial.state in (TrialState.RUNNING, TrialState.WAITING):
                 state.active.add(point)
                 if trial.state == TrialState.RUNNING:

@@ -10,6 +10,8 @@ Policy (experiments/README.md says the same for users):
 - The launching process creates the Optuna study, the storage schema and the MLflow parent run once,
   then starts `--n-jobs` worker processes (the command line with `--worker`) that share the grid.
 - Resume: a grid point with a COMPLETE trial is never run again; re-running a finished study runs nothing.
+  A COMPLETE trial counts only under its point's current identity (`Hooks.identity`: what its results are
+  keyed by); one recorded under another (a setting redefined, a code change) is stale and runs again.
 - Failure: a trial that raises ends FAIL and its point is re-queued once (MAX_RETRY); if it fails again the
   point is given up and the command exits 1. A trial stopped by Ctrl-C/SIGTERM is marked `interrupted`
   and re-queued on the next run without using up the retry. A worker killed outright: on an RDB storage
@@ -67,6 +69,7 @@ from mme.ablation.storage import (
 from mme.ablation.studies import (
     ATTR_BUDGET,
     ATTR_DATASET,
+    ATTR_IDENTITY,
     ATTR_OVERRIDES,
     ATTR_PARENT_RUN,
     ATTR_PRESET,
@@ -92,12 +95,19 @@ class Hooks:
         prepare: download/extract the study's dataset once before the workers start: (cfg, workdir, trials),
             `trials` the (config, stages) of the points this run works on (a hook may skip what none needs).
         report: rebuild the tables when the study ends: (cfg, workdir, storage URL).
+        identity: what a trial's results are keyed by: (cfg, stages) -> text; a COMPLETE trial recorded
+            under another identity is stale and its point runs again.
     """
 
     script: Path
     default_runner: Runner
     prepare: Callable[[Config, Path, list[tuple[Config, tuple[str, ...]]]], None]
     report: Callable[[Config, Path, str], Any]
+    identity: Callable[[Config, tuple[str, ...]], str]
+
+
+def point_identities(plan: Plan, hooks: Hooks) -> dict[Point, str]:
+    return {point: hooks.identity(plan.trial_config(*point), plan.study.stages) for point in plan.points()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,21 +202,23 @@ def run_worker(plan: Plan, hooks: Hooks) -> GridState:
     study = serialise_ask(optuna.load_study(study_name=plan.name, storage=open_storage(
         plan.storage, heartbeat=True, max_retry=MAX_RETRY), sampler=_sampler()), plan.storage)
     runner, parent = load_runner(plan.runner, hooks.default_runner), study.user_attrs.get(ATTR_PARENT_RUN)
-    points = plan.points()
+    points, identities = plan.points(), point_identities(plan, hooks)
     while True:
-        state, todo = refresh_grid(plan, study)
+        state, todo = refresh_grid(plan, study, identities)
         if not todo and not state.waiting:
             elsewhere = state.elsewhere(points)
             if elsewhere:
                 print(f"ablate[{os.getpid()}]: nothing left for this worker; {len(elsewhere)} point(s) still "
                       f"running in other workers: {_holders(state, elsewhere)}", flush=True)
             return state
-        study.optimize(lambda trial: objective(trial, study, plan, runner, parent), n_trials=1, catch=(Exception,))
+        study.optimize(lambda trial: objective(trial, study, plan, runner, parent, identities), n_trials=1,
+                       catch=(Exception,))
 
 
-def refresh_grid(plan: Plan, study: Any) -> tuple[GridState, list[Point]]:
+def refresh_grid(plan: Plan, study: Any, identities: dict[Point, str]) -> tuple[GridState, list[Point]]:
     """Fail the trials of dead workers (stale heartbeat, or a pid gone on this host; their MLflow runs
-    KILLED), then queue again every point left to do; one process at a time (`storage_lock`)."""
+    KILLED), then queue again every point left to do (stale ones included); one process at a time
+    (`storage_lock`)."""
     import optuna
     from optuna.storages import fail_stale_trials
 
@@ -218,8 +230,13 @@ def refresh_grid(plan: Plan, study: Any) -> tuple[GridState, list[Point]]:
               "marked failed and queued again", flush=True)
         kill_trial_runs(_client(plan), trial.user_attrs.get("mlflow_run_id"))
     with storage_lock(plan.storage):
-        state = GridState.read(study)
+        state = GridState.read(study, identities)
         todo = state.todo(plan.points())
+        stale = [p for p in todo if p in state.stale]
+        if stale:
+            print(f"ablate[{os.getpid()}]: {len(stale)} point(s) finished under another definition of their "
+                  f"setting (or older code); running them again: {', '.join(f'{s} seed {k}' for s, k in stale)}",
+                  flush=True)
         for point in todo:
             tried = state.last_tried.get(point)
             requeue(study, point, retry_of=tried.number if tried is not None else None)
@@ -236,7 +253,8 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: str | None) -> float:
+def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: str | None,
+              identities: dict[Point, str]) -> float:
     import optuna
 
     point = point_of(trial)
@@ -248,7 +266,7 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
     me = next(t for t in trials if t.number == trial.number)
     if (label, seed) not in plan.points():  # queued by a run with other --settings: left for a later run
         raise optuna.TrialPruned(f"{label} seed {seed} is not among this run's --settings")
-    reason = blocking_reason(trials, me, (label, seed))
+    reason = blocking_reason(trials, me, (label, seed), identities[(label, seed)])
     if reason:
         raise optuna.TrialPruned(reason)
     trial_dir = plan.trial_dir(label, seed)
@@ -257,7 +275,8 @@ def objective(trial: Any, study: Any, plan: Plan, runner: Runner, parent_run: st
             raise optuna.TrialPruned(f"{trial_dir} is locked by another worker")
         _fresh_trial_dir(trial_dir, plan.workdir)
         cfg = plan.trial_config(label, seed)
-        for key, value in (("trial_workdir", str(trial_dir)), ("worker_pid", os.getpid()),
+        for key, value in (("trial_workdir", str(trial_dir)), (ATTR_IDENTITY, identities[(label, seed)]),
+                           ("worker_pid", os.getpid()),
                            ("worker_host", socket.gethostname()), ("interrupted", False),
                            ("preset", plan.preset), ("dataset", plan.dataset)):
             trial.set_user_attr(key, value)
@@ -409,7 +428,7 @@ def run_study(plan: Plan, args: argparse.Namespace, hooks: Hooks) -> int:
         else:
             worst = 0
             run_worker(plan, hooks)
-        state, _ = refresh_grid(plan, study)
+        state, _ = refresh_grid(plan, study, point_identities(plan, hooks))
         close_dead_trial_runs(study, client)
         points = plan.points()
         done, given_up, elsewhere = [p for p in points if p in state.done], state.given_up(points), []

@@ -44,6 +44,9 @@ RECORDS = ("per_clip",)
 # trials from before 2026-12-02 lack it (NOT_RECORDED: Intel AMX machines, experiments/README.md).
 PLATFORM_ATTR = "platform"
 NOT_RECORDED = "not recorded"
+# Trial user attribute: what the trial's results are keyed by (its part keys) when it ran; a COMPLETE trial
+# under another identity than its point's current one is stale (mme.ablation.grid).
+ATTR_IDENTITY = "identity"
 FULL_CHAIN = ("pretrain", "finetune", "probe")
 FLOOR = "Random init"  # the floor row's label (the tables' statistics look for it by this name)
 FLOOR_OVERRIDES = ("probe.init=random", "finetune.init=scratch")

@@ -2,10 +2,12 @@
 and, where the trials stored per-clip results, bootstrap CIs, the paired difference to the table's
 reference row and a verdict (`mme.reports.stats`).
 
-Only COMPLETE trials count; a grid point (setting, seed) that ran twice (GridSampler can repeat a point
-when several workers finish together) counts once, its lowest-numbered trial. Measured numbers come only
-from trial user attributes; the paper's columns come only from `mme.reports.reference`. A setting
-without a finished trial keeps its row with `n_seeds = 0` and empty measured cells.
+Only COMPLETE trials count; a grid point (setting, seed) that ran twice counts once: by the first trial
+under the identity of its latest one (a point runs again when its trial is stale, recorded under an older
+definition of its setting, `mme.ablation.grid`; GridSampler can repeat a point when workers finish
+together). Measured numbers come only from trial user attributes; the paper's columns come only from
+`mme.reports.reference`. A setting without a finished trial keeps its row with `n_seeds = 0` and empty
+measured cells.
 
 Statistics columns (STAT_METRICS x STAT_SUFFIXES, plus `n_clips` and `reference`): for a metric `m`,
 `m_ci_low` / `m_ci_high` (95 % CI of the mean over test clips and seeds), `m_delta` with
@@ -30,6 +32,7 @@ import pandas as pd
 from mme.ablation.studies import (
     ATTR_BUDGET,
     ATTR_DATASET,
+    ATTR_IDENTITY,
     ATTR_PRESET,
     ATTR_STUDY,
     METRICS,
@@ -90,18 +93,19 @@ class Ordering:
 
 
 def _complete(trials: list[Any]) -> list[Any]:
-    """COMPLETE trials that ran a setting, the lowest-numbered one per (setting, seed)."""
+    """COMPLETE trials that ran a setting, one per (setting, seed): the first trial recorded under the
+    identity of the point's latest trial (an older identity is a stale definition), in trial order."""
     from optuna.trial import TrialState
 
-    seen, kept = set(), []
+    by_point: dict[tuple[str, int], list[Any]] = {}
     for trial in sorted(trials, key=lambda t: t.number):
-        if trial.state != TrialState.COMPLETE or "setting" not in trial.params:
-            continue
-        point = (trial.params["setting"], trial.params.get("seed", 0))
-        if point not in seen:
-            seen.add(point)
-            kept.append(trial)
-    return kept
+        if trial.state == TrialState.COMPLETE and "setting" in trial.params:
+            by_point.setdefault((trial.params["setting"], trial.params.get("seed", 0)), []).append(trial)
+    kept = []
+    for runs in by_point.values():
+        latest = runs[-1].user_attrs.get(ATTR_IDENTITY)
+        kept.append(next(t for t in runs if t.user_attrs.get(ATTR_IDENTITY) == latest))
+    return sorted(kept, key=lambda t: t.number)
 
 
 def trial_records(trials: list[Any]) -> pd.DataFrame:

@@ -116,6 +116,11 @@ def trial_parts(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     return [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
 
 
+def trial_identity(cfg: Config, stages: tuple[str, ...]) -> str:
+    """The part keys of a trial, in running order: what its results are stored and found under."""
+    return " ".join(part_key(cfg, part) for part in trial_parts(cfg, stages))
+
+
 def is_stored(cfg: Config, stages: tuple[str, ...], workdir: Path) -> bool:
     """Every part of the trial is in `workdir`'s shared results: running it reads no data."""
     store = Paths(workdir).results_dir
