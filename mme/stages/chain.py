@@ -78,21 +78,21 @@ def part_key(cfg: Config, part: str) -> str:
 def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> dict[str, Any]:
     """The real trial on `trial_dir`: pretrain (not for a floor) -> finetune + evaluate -> probe (those
     named in `stages`), each part reused from the shared results when stored."""
-    parts = trial_parts(cfg, stages)
+    keys = trial_keys(cfg, stages)
     workdir = shared_workdir(trial_dir)
     store = Paths(workdir).results_dir
-    saved = {part: _load_part(store / f"{part_key(cfg, part)}.json") for part in parts}
+    saved = {part: _load_part(store / f"{key}.json") for part, key in keys.items()}
     if not is_floor(cfg) and not all(found is not None for found in saved.values()):
         saved = {}  # a trained part needs this trial's own pre-training: run every part
     metrics: dict[str, Any] = {}
     records, platforms = [], []
-    for part in parts:
+    for part, key in keys.items():
         if saved.get(part) is not None:
             found, record, platform = saved[part]
-            print(f"ablate: {part} reused from {store / part_key(cfg, part)}.json", flush=True)
+            print(f"ablate: {part} reused from {store / key}.json", flush=True)
         else:
             (found, record), platform = RUN_PART[part](cfg, trial_dir), compute_platform() | precision(cfg, part)
-            write_json(store / f"{part_key(cfg, part)}.json",
+            write_json(store / f"{key}.json",
                        {"metrics": found, "per_clip": per_clip.encode(record) if record else None,
                         "trial_dir": _relative(trial_dir, workdir), "platform": platform})
         metrics |= found
@@ -116,15 +116,20 @@ def trial_parts(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     return [p for p in PARTS if (p == "pretrain" and not is_floor(cfg)) or (p != "pretrain" and p in stages)]
 
 
+def trial_keys(cfg: Config, stages: tuple[str, ...]) -> dict[str, str]:
+    """part -> its key, for the parts the trial runs, in running order: what its results are stored under."""
+    return {part: part_key(cfg, part) for part in trial_parts(cfg, stages)}
+
+
 def trial_identity(cfg: Config, stages: tuple[str, ...]) -> str:
-    """The part keys of a trial, in running order: what its results are stored and found under."""
-    return " ".join(part_key(cfg, part) for part in trial_parts(cfg, stages))
+    """The trial's part keys as one text (the ablation grid's identity of a point)."""
+    return " ".join(trial_keys(cfg, stages).values())
 
 
 def is_stored(cfg: Config, stages: tuple[str, ...], workdir: Path) -> bool:
     """Every part of the trial is in `workdir`'s shared results: running it reads no data."""
     store = Paths(workdir).results_dir
-    return all((store / f"{part_key(cfg, part)}.json").is_file() for part in trial_parts(cfg, stages))
+    return all((store / f"{key}.json").is_file() for key in trial_keys(cfg, stages).values())
 
 
 def _relative(path: Path, root: Path) -> str:
