@@ -25,6 +25,7 @@ from mme.ablation import (
     load_runner,
     make_plan,
     open_storage,
+    points_text,
     run_study,
     run_worker,
     stored_only,
@@ -85,7 +86,7 @@ def narrowed(plans: list[Plan], quiet: bool) -> list[Plan]:
     for plan in plans:
         plan, missing = stored_only(plan, is_stored)
         if not quiet:
-            left = ", ".join(f"{label} seed {seed}" for label, seed in missing) or "none"
+            left = points_text(missing) or "none"
             print(f"ablate: --stored-only: {plan.study.name}: {len(plan.points())} stored point(s) recorded; "
                   f"not stored, so left out: {left}", flush=True)
         kept += [plan] if plan.points() else []

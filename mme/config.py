@@ -21,6 +21,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mme.presets import PRESETS
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and the fix."""
@@ -210,6 +212,13 @@ class Config:
         """Dotted-key view (`data.stride` -> 3), as MLflow params and `--set` use."""
         return flatten(self.to_dict())
 
+    def value(self, key: str) -> Any:
+        """A dotted key's value as the stages use it: a `FALLBACKS` key left at 0 takes its fallback's value."""
+        def get(dotted: str) -> Any:
+            return functools.reduce(getattr, dotted.split("."), self)
+        value = get(key)
+        return get(FALLBACKS[key]) if key in FALLBACKS and value == 0 else value
+
     def digest(self) -> str:
         """Short stable hash of the resolved config (pipeline tags, cache keys)."""
         text = json.dumps(self.to_dict(), sort_keys=True, default=str)
@@ -223,41 +232,6 @@ RANGES: dict[str, tuple[float, float]] = {
     "model.decoder_depth": (1, 16), "data.crop_scale_min": (0.05, 1.0), "data.val_fraction": (0.0, 0.5),
     "data.test_fraction": (0.0, 0.5), "data.synthetic.zoom": (0.25, 4.0), "pretrain.stride": (0, 16),
 }
-
-# Named overlays (their sizing: docs/deviations.md, Scale). Only the keys that differ from the defaults.
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "data": {
-            "short_side": 64, "input_size": 64, "num_frames": 8, "stride": 2, "num_workers": 0,
-            "synthetic": {"num_videos": 24, "num_frames": 32, "size": 64, "workers": 1},
-        },
-        "target": {"length": 4},
-        "model": {"name": "smoke", "drop_path": 0.0},
-        "pretrain": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0},
-        "finetune": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0, "mixup": 0.0, "cutmix": 0.0},
-        "probe": {"epochs": 5, "batch_size": 8},
-        "evaluate": {"num_clips": 1, "num_crops": 1, "batch_size": 4},
-    },
-    # Why the generated set is shaped this way (one shared look, magnified, no pan): docs/deviations.md.
-    "mini": {
-        "data": {"decoded_cache": True, "synthetic": {"num_frames": 48, "distractors": 0, "camera_pan": False,
-                 "appearance": "shared", "zoom": 1.6, "num_videos": 3072, "val_videos": 1200, "test_videos": 1200}},
-        "model": {"name": "tiny", "depth": 6, "drop_path": 0.05},
-        "pretrain": {"epochs": 16, "base_lr": 4e-3, "warmup_epochs": 1},
-        "finetune": {"epochs": 10, "batch_size": 8, "base_lr": 8e-3, "warmup_epochs": 1, "mixup": 0.0,
-                     "cutmix": 0.0, "val_every": 5},
-        "evaluate": {"num_clips": 1, "num_crops": 1}},
-    "paper": {
-        "data": {"short_side": 256, "input_size": 224, "num_frames": 16, "stride": 3, "num_workers": 10},
-        "flow": {"backend": "farneback"},
-        "model": {"name": "base", "drop_path": 0.1},
-        "pretrain": {"epochs": 400, "batch_size": 32, "warmup_epochs": 40},
-        "finetune": {"epochs": 40, "batch_size": 24, "base_lr": 5e-4, "warmup_epochs": 5, "layer_decay": 0.75},
-        "probe": {"epochs": 20},
-        "evaluate": {"num_clips": 2, "num_crops": 3},
-    },
-}
-
 
 def _literal_choices(node: type, prefix: str = "") -> dict[str, tuple[Any, ...]]:
     """Dotted key -> allowed values of every `Literal`-typed field under a config dataclass."""

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from mme.ablation import STUDIES, blocking_reason, optuna_study_name
+from mme.ablation import STUDIES, blocking_reason, optuna_study_name, points_text
 from mme.ablation.storage import HEARTBEAT_GRACE_S, open_storage, serialise_ask, storage_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_a_point_finished_under_another_definition_runs_again(tmp_path, fake_run
     study.add_trial(_finished(plan, "L=8", 13.0))  # recorded before trials carried an identity
     out = _ablate(workdir, fake_runner, "--seeds", "1")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "running them again: L=6 seed 0, L=8 seed 0" in out.stdout
+    assert "running them again: L=6 seed 0; L=8 seed 0" in out.stdout
     ran = [t for t in _trials(storage, plan.name)[3:] if t.state == TrialState.COMPLETE]
     assert sorted(t.params["setting"] for t in ran) == ["L=6", "L=8", "Random init"]  # not L=4
     assert all(t.user_attrs["identity"] == trial_identity(plan.trial_config(t.params["setting"], 0),
@@ -268,6 +268,12 @@ def test_blocking_reason_yields_to_finished_earlier_running_and_exhausted_points
     fail, stopped = _t(1, TrialState.FAIL, "a"), _t(2, TrialState.FAIL, "a", interrupted=True)
     assert blocking_reason([fail, stopped, me], me, ("a", 0)) is None  # an interrupted run is no failure
     assert "given up" in blocking_reason([fail, _t(2, TrialState.FAIL, "a"), me], me, ("a", 0))
+
+
+def test_points_are_listed_once_per_setting():
+    points = [("Traj", 0), ("HOG", 2), ("Traj", 1), ("Traj", 2)]
+    assert points_text(points) == "Traj seeds 0, 1, 2; HOG seed 2"
+    assert points_text([]) == ""
 
 
 def test_bad_input_names_the_fix(tmp_path, capsys):

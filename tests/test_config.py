@@ -105,3 +105,13 @@ def test_result_tree_drops_exactly_the_speed_only_keys_and_the_idle_fallbacks():
     partial = flatten(result_tree(cfg, keep=frozenset({"data.num_workers"})))
     assert partial["data.num_workers"] == 5 and "pretrain.compile" not in partial
     assert cfg.flat() == full  # the config itself is untouched
+
+
+def test_a_fallback_key_left_at_zero_takes_its_fallbacks_value_where_the_stages_read_it():
+    from mme.targets.base import TargetGeometry
+
+    for overrides, stride in (([], 3), (["pretrain.stride=1"], 1), (["data.stride=2"], 2),
+                              (["data.stride=2", "pretrain.stride=4"], 4)):
+        cfg = load_config("mini", overrides)
+        assert cfg.value("pretrain.stride") == TargetGeometry.from_cfg(cfg).stride == stride, overrides
+        assert cfg.value("data.stride") == cfg.data.stride  # not a FALLBACKS key: its own value

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models", "targets"),
     ("motion",),
     ("data",),
-    ("config", "paths", "utils"),
+    ("config", "presets", "paths", "utils"),
 )
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

@@ -3,7 +3,7 @@ bookkeeping the workers share (`grid`), what one run works on (`plan`) and the O
 Nothing here imports a stage: the command line (experiments/ablate.py) hands the runner what a trial runs.
 """
 
-from mme.ablation.grid import MAX_RETRY, GridState, Point, blocking_reason, point_of, requeue
+from mme.ablation.grid import MAX_RETRY, GridState, Point, blocking_reason, point_of, points_text, requeue
 from mme.ablation.plan import Plan, make_plan, stored_only
 from mme.ablation.runner import Hooks, Runner, load_runner, run_study, run_worker
 from mme.ablation.storage import open_storage, storage_exists
@@ -22,5 +22,5 @@ from mme.ablation.studies import (
 
 __all__ = ["ALL", "MAX_RETRY", "METRICS", "STUDIES", "TRIAL_BUDGET", "GridState", "Hooks", "Plan", "Point",
            "Runner", "Setting", "Study", "blocking_reason", "get_study", "load_runner", "make_plan",
-           "open_storage", "optuna_study_name", "point_of", "requeue", "run_study", "run_worker",
+           "open_storage", "optuna_study_name", "point_of", "points_text", "requeue", "run_study", "run_worker",
            "storage_exists", "stored_only", "study_names", "trial_budget"]

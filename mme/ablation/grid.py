@@ -30,6 +30,14 @@ def point_params(point: Point) -> dict[str, Any]:
     return {"setting": point[0], "seed": int(point[1])}
 
 
+def points_text(points: list[Point]) -> str:
+    """Points for a message, one entry per setting in first-seen order: "Traj seeds 0, 1; HOG seed 2"."""
+    seeds: dict[str, list[int]] = {}
+    for label, seed in points:
+        seeds.setdefault(label, []).append(seed)
+    return "; ".join(f"{label} seed{'s' * (len(got) > 1)} {', '.join(map(str, got))}" for label, got in seeds.items())
+
+
 def point_of(trial: Any) -> Point | None:
     """The (setting, seed) a trial runs: its params, else the point it was queued with."""
     for source in (trial.params, trial.user_attrs):

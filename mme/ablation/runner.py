@@ -54,6 +54,7 @@ from mme.ablation.grid import (
     enqueue_grid,
     owner,
     point_of,
+    points_text,
     reclaim_dead,
     requeue,
 )
@@ -235,7 +236,7 @@ def refresh_grid(plan: Plan, study: Any, identities: dict[Point, str]) -> tuple[
         stale = [p for p in todo if p in state.stale]
         if stale:
             print(f"ablate[{os.getpid()}]: {len(stale)} point(s) finished under another definition of their "
-                  f"setting (or older code); running them again: {', '.join(f'{s} seed {k}' for s, k in stale)}",
+                  f"setting (or older code); running them again: {points_text(stale)}",
                   flush=True)
         for point in todo:
             tried = state.last_tried.get(point)

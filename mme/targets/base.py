@@ -46,10 +46,9 @@ class TargetGeometry:
     @classmethod
     def from_cfg(cls, cfg) -> TargetGeometry:
         """Pre-training's geometry: its clips are sampled with `pretrain.stride` when set (Table 7d varies
-        the pre-training stride only), else with `data.stride` like fine-tuning's."""
-        stride = cfg.pretrain.stride or cfg.data.stride
-        return cls(num_frames=cfg.data.num_frames, stride=stride, tubelet=cfg.model.tubelet_size,
-                   patch=cfg.model.patch_size, input_size=cfg.data.input_size,
+        the pre-training stride only), else with `data.stride` like fine-tuning's (`Config.value`)."""
+        return cls(num_frames=cfg.data.num_frames, stride=cfg.value("pretrain.stride"),
+                   tubelet=cfg.model.tubelet_size, patch=cfg.model.patch_size, input_size=cfg.data.input_size,
                    points=cfg.target.points_per_patch, length=cfg.target.length,
                    interpolate=cfg.target.interpolate, density=cfg.target.density,
                    patch_norm=cfg.target.patch_norm, median=cfg.target.median_filter,
