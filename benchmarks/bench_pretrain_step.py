@@ -19,7 +19,12 @@ only, the work the model needs) × 3 for forward + backward, and divided by the 
 best of large square bf16 or fp32 matmuls measured in the same run (fp32 wins on a CPU without native bf16,
 where bf16 is emulated; there use --peak-sizes 1024 and --variants ours-fp32,ours-bf16 to keep the run short).
 
+On a GPU (`--device cuda`) each step is synchronised before its clock stops, and `--setup paper` times the
+`paper` preset's model instead (ViT-B/16, 16×224×224, 90% tube, batch 32; decoder width 384):
+
     python benchmarks/bench_pretrain_step.py [--rounds 6] [--steps 1] [--out benchmarks/results/pretrain_step.json]
+    python benchmarks/bench_pretrain_step.py --device cuda --setup paper --peak-sizes 8192 --steps 5 \
+        --variants videomae-bf16,ours-bf16 --out benchmarks/results/gpu/step_paper.json
 """
 
 from __future__ import annotations
@@ -41,9 +46,16 @@ from mme.models import MaskedMotionPretrainer
 from mme.models.vit import Attention, VisionTransformer, gather_tokens
 from mme.utils import write_json
 
-SETUP = dict(img_size=112, num_frames=16, patch_size=16, tubelet_size=2, embed_dim=384, depth=12, num_heads=6,
-             decoder_dim=192, decoder_depth=1, decoder_num_heads=3, batch=8, mask_ratio=0.7,
-             target_parts={"pos": 48, "shape": 216})
+SETUPS = {
+    "vit-s": dict(img_size=112, num_frames=16, patch_size=16, tubelet_size=2, embed_dim=384, depth=12, num_heads=6,
+                  decoder_dim=192, decoder_depth=1, decoder_num_heads=3, batch=8, mask_ratio=0.7,
+                  target_parts={"pos": 48, "shape": 216}),
+    "paper": dict(img_size=224, num_frames=16, patch_size=16, tubelet_size=2, embed_dim=768, depth=12, num_heads=12,
+                  decoder_dim=384, decoder_depth=1, decoder_num_heads=6, batch=32, mask_ratio=0.9,
+                  target_parts={"pos": 48, "shape": 216}),
+}
+SETUP = dict(SETUPS["vit-s"])  # the setup being timed (main() replaces it with --setup's)
+DEVICE = torch.device("cpu")   # likewise --device
 
 # name -> (tubelet embedding, attention, AdamW, autocast)
 VARIANTS = {
@@ -112,9 +124,10 @@ def make_batch() -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(0)
     mask = np.stack([make_mask("tube", SETUP["mask_ratio"], grid, rng) for _ in range(SETUP["batch"])])
     tokens, width = int(np.prod(grid)), sum(SETUP["target_parts"].values())
-    return {"video": torch.randn(SETUP["batch"], 3, SETUP["num_frames"], SETUP["img_size"], SETUP["img_size"]),
-            "mask": torch.from_numpy(mask), "target": torch.randn(SETUP["batch"], tokens, width),
-            "target_valid": torch.ones(SETUP["batch"], tokens, width, dtype=torch.bool)}
+    batch = {"video": torch.randn(SETUP["batch"], 3, SETUP["num_frames"], SETUP["img_size"], SETUP["img_size"]),
+             "mask": torch.from_numpy(mask), "target": torch.randn(SETUP["batch"], tokens, width),
+             "target_valid": torch.ones(SETUP["batch"], tokens, width, dtype=torch.bool)}
+    return {key: value.to(DEVICE) for key, value in batch.items()}
 
 
 def model_flops_per_clip(visible: int, tokens: int, masked: int) -> float:
@@ -131,20 +144,28 @@ def matmul_peak(sizes=(2048, 3072, 4096), repeats: int = 3, dtype: torch.dtype =
     """Best FLOP/s of large square matmuls in `dtype` (called between rounds; the best call of the run counts)."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
         a @ b
         for _ in range(repeats):
+            synchronize()
             start = time.perf_counter()
             a @ b
+            synchronize()
             best = max(best, 2 * n ** 3 / (time.perf_counter() - start))
     return best
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a clock reads what was computed."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class Variant:
     def __init__(self, name: str, batch: dict[str, torch.Tensor]):
         embed, attention, adamw, self.amp = VARIANTS[name]
         self.name, self.batch = name, batch
-        self.model = build(embed, attention)
+        self.model = build(embed, attention).to(DEVICE)
         self.optimizer = build_optimizer(self.model, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
         if adamw == "loop":
             for group in self.optimizer.param_groups:
@@ -155,14 +176,16 @@ class Variant:
         self.warmup_s = 0.0
 
     def step(self) -> float:
+        synchronize()
         start = time.perf_counter()
-        with autocast(torch.device("cpu"), self.amp):
+        with autocast(DEVICE, self.amp):
             pred = self.model(self.batch["video"], self.batch["mask"])
             batch = self.batch
             loss, _ = self.model.forward_loss(pred, batch["target"], batch["target_valid"], batch["mask"])
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        synchronize()
         return time.perf_counter() - start
 
 
@@ -173,8 +196,14 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain_step.json"))
     parser.add_argument("--peak-sizes", default="2048,3072,4096",
-                        help="square matmul sizes of the peak (smaller on a CPU that emulates bf16: 1024)")
+                        help="square matmul sizes of the peak (1024 on a CPU that emulates bf16; 8192 on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--setup", default="vit-s", choices=sorted(SETUPS))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    SETUP.clear()
+    SETUP.update(SETUPS[args.setup])
     sizes = tuple(int(n) for n in args.peak_sizes.split(","))
 
     batch = make_batch()
@@ -199,9 +228,9 @@ def main() -> None:
     report = {"gain_of_each_change": gains,
               "setup": SETUP | {"masked_tokens": masked, "tokens": tokens}, "model_flops_per_step": flops_per_step,
               "bf16_matmul_peak_flops": max(peaks), "bf16_matmul_peak_per_round": peaks,
-              "fp32_matmul_peak_flops": fp32_peak, "native_bf16": native_bf16("cpu"),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "variants": results,
+              "fp32_matmul_peak_flops": fp32_peak, "native_bf16": native_bf16(DEVICE.type),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device_name(),
+              "setup_name": args.setup, "cpu": platform.processor() or platform.machine(), "variants": results,
               "note": "shared CPU: best of interleaved rounds; numbers may be noisy"}
     write_json(args.out, report)
     print(f"matmul peak bf16 {max(peaks) / 1e12:.3f}, fp32 {fp32_peak / 1e12:.3f} TFLOP/s; "
@@ -213,6 +242,10 @@ def main() -> None:
                              if k.startswith("speedup"))
         print(f"{name:>18}: {r['step_s'] * 1e3:7.1f} ms/step  {r['clips_per_s']:6.2f} clips/s  "
               f"{r['model_flops_per_s'] / 1e12:5.2f} TFLOP/s = {100 * r['fraction_of_peak']:4.1f}% of peak  {speedups}")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
 
 
 def summarise(variants: list[Variant], flops_per_step: float, peak: float) -> dict[str, dict]:
