@@ -52,6 +52,7 @@ from mme.utils import write_json
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a clock reads what was computed."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

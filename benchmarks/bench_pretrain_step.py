@@ -35,6 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bench_device  # benchmarks/, beside this script
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -156,9 +157,7 @@ def matmul_peak(sizes=(2048, 3072, 4096), repeats: int = 3, dtype: torch.dtype =
 
 
 def synchronize() -> None:
-    """Wait for the device's queued work (a no-op on CPU), so that a clock reads what was computed."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+    bench_device.synchronize(DEVICE)
 
 
 class Variant:

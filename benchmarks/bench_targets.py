@@ -41,19 +41,16 @@ from pathlib import Path
 import cv2
 import torch
 import torch.nn.functional as F
+from bench_device import make_set  # benchmarks/, beside this script
 
 import mme.datasets.clips as datasets_module
 import mme.motion.backends as backends
-from mme.config import SyntheticConfig, load_config
-from mme.data.lists import relative_to_workdir, write_list
-from mme.data.synthetic import generate
+from mme.config import load_config
 from mme.datasets import PretrainDataset, item_rng
-from mme.paths import Paths
-from mme.stages import extract
 from mme.targets import TARGETS, TargetBatch, TargetInputs
 from mme.utils import write_json
 
-MINI_SIZE, MINI_FRAMES = 128, 64
+MINI_SIZE = 128
 BUDGET_MS = 5.0  # `traj` per clip per core at 16 x 112 x 112, built in batch
 # The steps of PretrainDataset.__getitem__ timed separately (functions looked up in mme.datasets.clips).
 STEPS = {"decode": "read_frames", "flow_read": "load_flow", "augment_frames": "crop_frames",
@@ -61,11 +58,8 @@ STEPS = {"decode": "read_frames", "flow_read": "load_flow", "augment_frames": "c
 
 
 def make_workdir(root: Path, num_videos: int) -> Path:
-    """Generated mini videos, a train list and their flow cache (the extract stage, DIS)."""
-    synthetic = SyntheticConfig(num_videos=num_videos, num_frames=MINI_FRAMES, size=MINI_SIZE, workers=1)
-    rows = generate(Paths(root).raw_dir("synthetic"), synthetic, seed=0, progress=False)
-    write_list(Paths(root).list_file("synthetic", "train"), [(relative_to_workdir(root, p), y) for p, y in rows])
-    extract.run(load_config("mini"), root, workers=1)
+    """Generated mini videos, a train list and their flow cache (as the mini preset extracts it, DIS)."""
+    make_set(root, "mini", num_videos, MINI_SIZE, workers=1)
     return root
 
 
