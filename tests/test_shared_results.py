@@ -231,3 +231,57 @@ def test_settings_runs_part_of_the_grid_and_a_later_run_does_the_rest(tmp_path, 
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert done() == sorted(["L=4", "L=6", "L=8", FLOOR])  # the rest, and nothing twice
     assert "4/4 grid points done" in out.stdout
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_backward_flow_trials_get_their_own_data_and_leave_the_pipelines_alone(tmp_path, extracted_workdir,
+                                                                                monkeypatch):
+    """The robustness study's fb_check rows need caches with backward flow. The pipeline's `data/` (what
+    dvc.lock records) has none and must not be rewritten; the study extracts them once into `data-fb`,
+    the fb_check trials read from it, the other rows from `data/`."""
+    import shutil
+
+    from mme.datasets.clips import PretrainDataset
+    from mme.motion.cache import cache_problem, expected_meta, flow_cache_path
+    from mme.stages import extract
+
+    shutil.copytree(extracted_workdir / "data", tmp_path / "data", symlinks=True)
+    before = _digests(tmp_path / "data")
+    study = STUDIES["robustness"]
+    cfgs = {label: load_config("smoke", [*study.base, *study.setting(label).overrides, "seed=0"])
+            for label in ("default", "fb_check on", "both", FLOOR)}
+    trials = [(cfg, FULL_CHAIN) for cfg in cfgs.values()]
+    assert {chain.data_dir_name(c) for c in cfgs.values()} == {"data", chain.BACKWARD_DATA}
+    assert chain.data_dir_name(cfgs[FLOOR]) == "data"  # the floor reads no flow
+
+    chain.prepare_data(cfgs["default"], tmp_path, trials)
+    assert _digests(tmp_path / "data") == before  # not one byte of the pipeline's data changed
+    fb = cfgs["fb_check on"]
+    backward = expected_meta(fb.flow.backend, fb.flow.compensate_camera, fb.data.short_side, backward=True)
+    fb_data = tmp_path / chain.BACKWARD_DATA
+    videos = extract.listed_videos(chain.Paths(tmp_path), fb.data.dataset, extract.FLOW_SPLITS)
+    assert videos and (fb_data / "raw").is_symlink() and (fb_data / "lists").is_symlink()
+    for rel in videos:
+        cache = flow_cache_path(tmp_path, fb.data.dataset, rel)
+        assert cache_problem(cache, backward) is not None  # data/ has none
+        assert cache_problem(fb_data / cache.relative_to(tmp_path / "data"), backward) is None
+
+    def no_extract(*args, **kwargs):  # noqa: ARG001
+        raise AssertionError("every cache is valid: nothing to extract")
+
+    monkeypatch.setattr(extract, "run", no_extract)
+    chain.prepare_data(cfgs["default"], tmp_path, trials)  # a second run finds both sets valid
+
+    trial_dir = _trial_dir(tmp_path, "robustness", "fb-s0")
+    chain.link_trial_data(fb, trial_dir)
+    assert (trial_dir / "data").resolve() == fb_data.resolve()
+    assert chain.shared_workdir(trial_dir) == tmp_path.resolve()  # the results store stays the study's
+    assert len(PretrainDataset(fb, trial_dir, "train")) == len(videos)  # every video has its backward flow
+    chain.link_trial_data(cfgs["default"], trial_dir)
+    assert (trial_dir / "data").resolve() == (tmp_path / "data").resolve()

@@ -32,6 +32,7 @@ from typing import Any
 from mme.ablation.studies import NOT_RECORDED, PLATFORM_ATTR
 from mme.config import Config, result_tree
 from mme.engine.loops import compute_platform, platform_name
+from mme.motion.cache import flow_cache_path
 from mme.paths import Paths
 from mme.reports import per_clip
 from mme.targets import TargetGeometry, get_target
@@ -42,6 +43,7 @@ PARTS = ("pretrain", "finetune", "probe")  # in running order; a trial runs thos
 PRETRAIN_ONLY = ("target", "mask", "pretrain", "flow")
 PRETRAIN_ONLY_KEYS = {"data": ("shuffle_frames",), "model": ("decoder_dim", "decoder_depth", "decoder_num_heads",
                                                              "decoder_mode")}
+BACKWARD_DATA = "data-fb"  # the trials' data with backward flow (data_dir_name)
 UNREAD_SECTIONS = {"pretrain": ("finetune", "probe", "evaluate"), "finetune": ("probe",), "probe": ("finetune",)}
 # Speed-only keys that the digests hold, because stored results were keyed with them before the rule that a
 # digest leaves speed-only keys out (over-careful, never wrong); every later speed-only key is left out.
@@ -79,6 +81,7 @@ def run_stage_chain(cfg: Config, trial_dir: Path, stages: tuple[str, ...]) -> di
     """The real trial on `trial_dir`: pretrain (not for a floor) -> finetune + evaluate -> probe (those
     named in `stages`), each part reused from the shared results when stored."""
     keys = trial_keys(cfg, stages)
+    link_trial_data(cfg, trial_dir)
     workdir = shared_workdir(trial_dir)
     store = Paths(workdir).results_dir
     saved = {part: _load_part(store / f"{key}.json") for part, key in keys.items()}
@@ -212,23 +215,83 @@ def _pick(result: dict, keys: tuple[str, ...], stage: str) -> float:
     raise KeyError(f"mme.stages.{stage}.run returned none of {keys} (got {sorted(result)}); the ablation needs it")
 
 
-def prepare_data(cfg: Config, workdir: Path, trials: Sequence[tuple[Config, tuple[str, ...]]] = ()) -> None:
-    """Download and extract the study's dataset once, into the shared workdir, if lists or caches are missing;
-    nothing when every one of `trials` ((config, stages) pairs) is stored already (a fresh clone rebuilding
-    the tables from the committed results)."""
-    from mme.stages import download, extract
+def data_dir_name(cfg: Config) -> str:
+    """The folder under the workdir whose data the trial reads: `data`, the DVC pipeline's, or `data-fb` for a
+    pre-training that needs backward flow (`target.fb_check`). Extracting that flow into `data/` would rewrite
+    the flow and decoded caches `dvc.lock` records; `data-fb` links `data`'s videos and lists and holds its own
+    caches (a cache with backward flow also serves a reader without the need)."""
+    if not is_floor(cfg) and get_target(cfg).needs_flow and cfg.target.fb_check:
+        return BACKWARD_DATA
+    return "data"
 
-    if trials and all(is_stored(trial, stages, workdir) for trial, stages in trials):
+
+def link_trial_data(cfg: Config, trial_dir: Path) -> None:
+    """Point the trial directory's `data` link (the runner makes it to `data`) at the data its config reads."""
+    link, workdir = Path(trial_dir) / "data", shared_workdir(trial_dir)
+    target = workdir / data_dir_name(cfg)
+    if link.is_symlink() and Path(os.path.realpath(link)) != Path(os.path.realpath(target)):
+        link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+
+
+def prepare_data(cfg: Config, workdir: Path, trials: Sequence[tuple[Config, tuple[str, ...]]] = ()) -> None:
+    """Download the study's dataset and extract its flow once, into the shared workdir, where lists or valid
+    caches are missing (into `data-fb` too when a trial needs backward flow: `data_dir_name`); nothing when
+    every one of `trials` ((config, stages) pairs) is stored already (a fresh clone rebuilding the tables
+    from the committed results)."""
+    from mme.stages import download
+
+    pending = [trial for trial, stages in trials if not is_stored(trial, stages, workdir)]
+    if trials and not pending:
         print(f"ablate: all {len(trials)} trials are in {Paths(workdir).results_dir}; no data needed", flush=True)
         return
     paths, dataset = Paths(workdir), cfg.data.dataset
     if not paths.list_file(dataset, "train").exists():
         print(f"ablate: no lists for {dataset} in {workdir}/data; running download once", flush=True)
         download.run(cfg, workdir)
-    lists = [paths.list_file(dataset, split) for split in extract.FLOW_SPLITS]
-    videos = sum(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in lists if f.exists())
-    flow_dir = paths.flow_dir(dataset)
-    cached = sum(1 for _ in flow_dir.rglob("*.npz")) if flow_dir.exists() else 0
-    if cached < videos:
-        print(f"ablate: {cached}/{videos} flow caches for {dataset}; running extract once", flush=True)
+    needs: dict[str, Config] = {}
+    for trial in pending or [cfg]:
+        needs.setdefault(data_dir_name(trial), trial)
+    for name, trial in sorted(needs.items()):
+        _extract_missing(trial, Path(workdir), name)
+
+
+def _extract_missing(cfg: Config, workdir: Path, name: str) -> None:
+    """Run `mme extract` on the workdir's folder `name` unless every listed video has a cache valid for `cfg`."""
+    import mlflow
+
+    from mme.engine.tracking import setup_experiment
+    from mme.motion.cache import cache_problem
+    from mme.stages import extract
+
+    root = workdir if name == "data" else _data_root(workdir, name)
+    paths, dataset = Paths(root), cfg.data.dataset
+    settings = extract.FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side,
+                                    cfg.target.fb_check).expected_meta()
+    videos = extract.listed_videos(paths, dataset, extract.FLOW_SPLITS)
+    valid = sum(cache_problem(flow_cache_path(root, dataset, rel), settings, deep=False) is None for rel in videos)
+    if valid == len(videos):
+        return
+    print(f"ablate: {valid}/{len(videos)} valid flow caches for {dataset} in {workdir / name}"
+          f"{' (with backward flow)' if cfg.target.fb_check else ''}; running extract once", flush=True)
+    if root == workdir:
         extract.run(cfg, workdir)
+        return
+    with mlflow.start_run(run_name=f"ablate data: {name}", experiment_id=setup_experiment(cfg, workdir),
+                          tags={"stage": "ablate-data"}):
+        extract.run(cfg, root)  # nested in the workdir's store, not one of its own under `root`
+
+
+def _data_root(workdir: Path, name: str) -> Path:
+    """A directory whose `data` is `<workdir>/<name>`: videos and lists linked from `<workdir>/data`, caches
+    its own. It is a workdir for `mme extract` (its metrics land there) under the git-ignored `trials/`."""
+    data = workdir / name
+    for shared in ("raw", "lists"):
+        (data / shared).parent.mkdir(parents=True, exist_ok=True)
+        if not (data / shared).is_symlink():
+            (data / shared).symlink_to(Path("..") / "data" / shared, target_is_directory=True)
+    root = workdir / "trials" / f".{name}"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data").is_symlink():
+        (root / "data").symlink_to(data, target_is_directory=True)
+    return root
