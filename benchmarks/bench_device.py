@@ -64,7 +64,7 @@ def make_set(root: Path, preset: str, videos: int, size: int, workers: int) -> d
     rows = generate(Paths(root).raw_dir("synthetic"), synthetic, seed=0, progress=False)
     write_list(Paths(root).list_file("synthetic", "train"), [(relative_to_workdir(root, p), y) for p, y in rows])
     cfg = load_config(preset)
-    settings = extract.FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side)
+    settings = extract.FlowSettings.of(cfg)  # the preset leaves target.fb_check off: forward flow only
     jobs, _ = extract._plan(root, "synthetic", extract.listed_videos(Paths(root), "synthetic", ("train",)))
     records = list(extract._outcomes(jobs, settings, workers))
     failed = [r for r in records if r["status"] == "skipped"]

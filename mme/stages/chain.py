@@ -266,8 +266,7 @@ def _extract_missing(cfg: Config, workdir: Path, name: str) -> None:
 
     root = workdir if name == "data" else _data_root(workdir, name)
     paths, dataset = Paths(root), cfg.data.dataset
-    settings = extract.FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side,
-                                    cfg.target.fb_check).expected_meta()
+    settings = extract.FlowSettings.of(cfg).expected_meta()
     videos = extract.listed_videos(paths, dataset, extract.FLOW_SPLITS)
     valid = sum(cache_problem(flow_cache_path(root, dataset, rel), settings, deep=False) is None for rel in videos)
     if valid == len(videos):

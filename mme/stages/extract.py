@@ -69,6 +69,11 @@ class FlowSettings:
     short_side: int
     backward: bool = False
 
+    @classmethod
+    def of(cls, cfg: Config) -> FlowSettings:
+        """The settings a config's caches need (backward flow only with `target.fb_check`)."""
+        return cls(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
+
     def expected_meta(self) -> dict[str, Any]:
         return expected_meta(self.backend, self.compensate_camera, self.short_side, backward=self.backward,
                              shot_detector=SHOT_DETECTOR)
@@ -276,7 +281,7 @@ def run(cfg: Config, workdir: str | Path, workers: int | None = None, shard: str
     splits = parse_splits(splits)
     shard_index, shard_count = parse_shard(shard)
     workers = cfg.flow.workers if workers is None else workers
-    settings = FlowSettings(cfg.flow.backend, cfg.flow.compensate_camera, cfg.data.short_side, cfg.target.fb_check)
+    settings = FlowSettings.of(cfg)
     videos = listed_videos(paths, dataset, splits)[shard_index::shard_count]
     jobs, skipped = _plan(paths.workdir, dataset, videos, decoded=cfg.data.decoded_cache)
     paths.decoded_dir(dataset).mkdir(parents=True, exist_ok=True)
